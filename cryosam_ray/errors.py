@@ -1,0 +1,53 @@
+"""Typed errors for user input.
+
+Every error that a user's input can cause is one of these, so that the CLI can print a
+clear message and a batch can record why one tomogram failed while the others go on.
+"""
+
+from __future__ import annotations
+
+
+class CryoSamError(Exception):
+    """Base class of every error cryosam_ray raises on purpose."""
+
+
+class ConfigError(CryoSamError, ValueError):
+    """A config file or flag is invalid (message names the key and what was expected)."""
+
+
+class TomogramError(CryoSamError):
+    """A tomogram cannot be used. ``path`` names the file; the message says why."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class TomogramNotFoundError(TomogramError, FileNotFoundError):
+    """The tomogram file or array does not exist."""
+
+
+class NotAnMrcError(TomogramError, ValueError):
+    """The file exists but is not a readable MRC (or zarr) volume."""
+
+
+class NotAVolumeError(TomogramError, ValueError):
+    """The data is not a 3D volume (for example a single 2D image or a 4D stack)."""
+
+
+class BadVoxelDataError(TomogramError, ValueError):
+    """The voxel values are unusable: NaN / infinite values, or constant data."""
+
+
+class BadVoxelSizeError(TomogramError, ValueError):
+    """The header's voxel size is 0, negative or not finite, and none was given."""
+
+
+class TableError(CryoSamError, ValueError):
+    """A table (prompts, picks, truth, STAR, copick) is malformed; names the file and the problem."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
