@@ -69,12 +69,61 @@ class EvaluateConfig(_Section):
     beta: float = Field(4.0, gt=0, description="beta of the F-beta score (4 as in the CZII cryo-ET benchmark).")
 
 
+class ClassicalSegmenterConfig(_Section):
+    """The weight-free segmenter (see :class:`cryosam_ray.segmenters.classical.ClassicalSegmenter`)."""
+
+    sigma: float = Field(1.5, ge=0, description="Gaussian smoothing in pixels before thresholding.")
+    window: int = Field(48, ge=4, description="Half-size in pixels of the window around a seed prompt.")
+    window_margin: int = Field(12, ge=1, description="Pixels around the previous mask on propagation steps.")
+    threshold_fraction: float = Field(0.5, gt=0, lt=1, description="Cut between background (0) and particle (1).")
+    min_contrast: float = Field(0.8, ge=0, description="Minimal particle contrast (noise units) at a seed.")
+    min_area: int = Field(6, ge=0, description="Smallest accepted slice mask, pixels.")
+    max_area_fraction: float = Field(0.6, gt=0, le=1, description="Largest mask as a fraction of the window.")
+    min_pred_iou: float = Field(0.5, description="Smallest accepted stability score.")
+    polarity: Literal["auto", "dark", "bright"] = Field("auto", description="Particle contrast; auto per prompt.")
+
+
+class SamSegmenterConfig(_Section):
+    """SAM through segment-anything (see :class:`cryosam_ray.segmenters.sam.SamSegmenter`)."""
+
+    model_type: Literal["vit_h", "vit_l", "vit_b", "vit_tiny"] = Field("vit_h", description="Registry name.")
+    checkpoint: str | None = Field(None, description="Local path, s3:// or http(s):// URL of the checkpoint.")
+    device: str | None = Field(None, description="cuda, cuda:N or cpu (None: cuda when available).")
+    batch_size: int = Field(8, ge=1, description="Slices per image-encoder batch.")
+    embedding_store: str | None = Field(None, description="zarr URL caching image embeddings (None: memory).")
+    cache_dir: str | None = Field(None, description="Where downloaded checkpoints are kept.")
+    min_area: int = Field(16, ge=0, description="Smallest accepted mask, pixels.")
+    max_area: int | None = Field(None, ge=1, description="Largest accepted mask, pixels (None: no cap).")
+    min_pred_iou: float = Field(0.0, description="Candidates need a predicted IoU above this.")
+    mask_input: Literal["logits", "binary"] = Field("logits", description="Previous mask fed as logits or 0/1.")
+    multimask: bool = Field(True, description="Ask SAM for three candidates per prompt.")
+    window_margin: int = Field(16, ge=0, description="Pixels kept around each mask's bounding box.")
+
+
+class SegmenterConfig(_Section):
+    """The promptable 2D segmenter, picked by name."""
+
+    backend: Literal["classical", "sam"] = Field("classical", description="classical (weight-free) or sam.")
+    classical: ClassicalSegmenterConfig = Field(default_factory=ClassicalSegmenterConfig)
+    sam: SamSegmenterConfig = Field(default_factory=SamSegmenterConfig)
+
+
+class PropagationConfig(_Section):
+    """Cross-Plane Self-Prompting (see :func:`cryosam_ray.propagation.propagate`)."""
+
+    directions: Literal["six", "z"] = Field("six", description="six: +-z,+-y,+-x (paper); z: +-z (public code).")
+    iou_threshold: float = Field(0.5, ge=0, le=1, description="tau_IoU: stop when consecutive masks' IoU is lower.")
+    max_steps: int | None = Field(None, ge=1, description="Slices per front beyond its seed (None: no limit).")
+
+
 class CryoSamConfig(_Section):
     """The whole job configuration."""
 
     io: IOConfig = Field(default_factory=IOConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
+    propagation: PropagationConfig = Field(default_factory=PropagationConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> CryoSamConfig:

@@ -51,3 +51,16 @@ class TableError(CryoSamError, ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class WeightsError(CryoSamError):
+    """Model weights cannot be found, fetched or loaded; names the source and the reason."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class PromptError(CryoSamError, ValueError):
+    """A prompt cannot be used on its tomogram (outside the volume, unknown tomogram ...)."""
