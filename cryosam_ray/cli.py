@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--voxel-size", type=float, help="voxel size in Angstrom instead of the header's")
     _config_args(seg)
     seg.set_defaults(func=cmd_segment)
+
+    run = sub.add_parser("run", help="the full pipeline: prompts -> query -> matching -> every particle",
+                         description="Writes DIR/picks.parquet, DIR/picks.csv, DIR/picks.star, "
+                         "DIR/masks/<tomogram>_instances.mrc, DIR/masks/<tomogram>_semantic.mrc and DIR/run.json.")
+    run.add_argument("--tomograms", required=True, nargs="+", help="tomogram files, folders or globs (local or s3://)")
+    run.add_argument("--prompts", required=True, help="prompt table: CSV (tomogram,z,y,x[,class]), STAR or copick JSON")
+    run.add_argument("--out", required=True, help="output folder (local or s3://)")
+    run.add_argument("--fail-fast", action="store_true", help="stop at the first tomogram that fails")
+    run.add_argument("--voxel-size", type=float, help="voxel size in Angstrom instead of the headers'")
+    _config_args(run)
+    run.set_defaults(func=cmd_run)
     return parser
 
 
@@ -131,6 +142,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     found = sum(not inst.empty for inst in output.instances)
     print(f"segmented {found} of {len(output.instances)} prompts; wrote {', '.join(output.files)}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cryosam_ray.runner import run_in_process
+
+    cfg = _load(args, {"io.voxel_size_a": args.voxel_size})
+    summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast)
+    for outcome in summary.outcomes:
+        state = f"{len(outcome.particles)} particles" if outcome.status == "done" else f"FAILED: {outcome.error}"
+        print(f"{outcome.name}: {state}")
+    print(f"wrote {args.out.rstrip('/')}/picks.parquet, picks.csv, picks.star, masks/ and run.json")
+    return 1 if summary.failed else 0
 
 
 def _evaluate_mask_files(truth_labels: str, pred_masks: str) -> dict:

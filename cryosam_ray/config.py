@@ -116,6 +116,63 @@ class PropagationConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="Slices per front beyond its seed (None: no limit).")
 
 
+class FilterBankConfig(_Section):
+    """The weight-free encoder (see :class:`cryosam_ray.encoders.filterbank.FilterBankEncoder`)."""
+
+    sigmas: tuple[float, ...] = Field((1.0, 2.0, 4.0, 8.0), min_length=1, description="Gaussian scales, pixels.")
+    stride: int = Field(4, ge=1, description="Pixels per token along each slice axis.")
+
+
+class Dinov2Config(_Section):
+    """DINOv2 through transformers (see :class:`cryosam_ray.encoders.dinov2.Dinov2Encoder`)."""
+
+    model: str = Field("facebook/dinov2-large", description="Local folder, s3:// URL or hub id (ViT-L/14 in the paper).")
+    image_size: int = Field(518, ge=14, description="Slices are resized to this (a multiple of the patch size).")
+    keep_aspect: bool = Field(False, description="Keep the slice's aspect ratio (the public code does not).")
+    batch_size: int = Field(16, ge=1, description="Slices per forward pass.")
+    device: str | None = Field(None, description="cuda, cuda:N or cpu (None: cuda when available).")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU.")
+    cache_dir: str | None = Field(None, description="Where downloaded weights are kept.")
+    allow_hub: bool = Field(True, description="Allow loading a hub id (a download the user asked for by naming it).")
+
+
+class EncoderConfig(_Section):
+    """The slice encoder, picked by name."""
+
+    backend: Literal["filterbank", "dinov2"] = Field("filterbank", description="filterbank (weight-free) or dinov2.")
+    filterbank: FilterBankConfig = Field(default_factory=FilterBankConfig)
+    dinov2: Dinov2Config = Field(default_factory=Dinov2Config)
+
+
+class FeaturesConfig(_Section):
+    """The feature store."""
+
+    store: str | None = Field(None, description="zarr store URL (local or s3://); None: <out>/features for "
+                              "`cryosam run`, memory otherwise.")
+    shard_slices: int = Field(16, ge=1, description="Slices per stored chunk (and per encoding task).")
+
+
+class MatchingConfig(_Section):
+    """Hierarchical Feature Matching (see :func:`cryosam_ray.matching.hierarchical_match`)."""
+
+    method: Literal["hierarchical", "naive"] = Field("hierarchical", description="naive: every voxel, for comparison.")
+    ratios: tuple[int, ...] = Field((16, 8, 4), min_length=1, description="Pyramid ratios, coarse to fine.")
+    tau_sim: float = Field(0.5, ge=-1, le=1, description="Cells below this similarity are dropped.")
+    dilate: int = Field(1, ge=0, description="Cells of margin kept around kept cells between levels.")
+    nms_radius: float | None = Field(None, gt=0, description="NMS radius in voxels (None: the prompt instances' radius).")
+    top_k: int = Field(512, ge=1, description="Proposals kept per class and tomogram (K).")
+
+
+class InstancesConfig(_Section):
+    """How proposals become particles: propagation in batches, merging, filters."""
+
+    batch: int = Field(64, ge=1, description="Proposals propagated together; later ones inside found particles are skipped.")
+    min_size_ratio: float = Field(0.5, ge=0, description="Smallest particle, relative to the prompt instances' median size.")
+    max_size_ratio: float = Field(2.0, gt=0, description="Largest particle, relative to the prompt instances' median size.")
+    min_similarity: float = Field(0.9, ge=-1, le=1, description="Cosine of a particle's mean feature with the query.")
+    overlap: float = Field(0.3, gt=0, le=1, description="Masks sharing this fraction of the smaller one are one particle.")
+
+
 class CryoSamConfig(_Section):
     """The whole job configuration."""
 
@@ -124,6 +181,10 @@ class CryoSamConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    matching: MatchingConfig = Field(default_factory=MatchingConfig)
+    instances: InstancesConfig = Field(default_factory=InstancesConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> CryoSamConfig:

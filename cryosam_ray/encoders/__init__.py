@@ -1,0 +1,31 @@
+"""Slice encoder backends, built by name from config.
+
+``filterbank``: weight-free, the default. ``dinov2``: DINOv2 through transformers, from a local
+folder, an s3:// URL or a hub id the user names.
+"""
+
+from __future__ import annotations
+
+from cryosam_ray.encoders.base import SliceEncoder
+
+__all__ = ["SliceEncoder", "build_encoder", "ENCODERS"]
+
+
+def _build_filterbank(cfg):
+    from cryosam_ray.encoders.filterbank import FilterBankEncoder
+
+    return FilterBankEncoder(**cfg.filterbank.model_dump())
+
+
+def _build_dinov2(cfg):
+    from cryosam_ray.encoders.dinov2 import Dinov2Encoder
+
+    return Dinov2Encoder(**cfg.dinov2.model_dump())
+
+
+ENCODERS = {"filterbank": _build_filterbank, "dinov2": _build_dinov2}
+
+
+def build_encoder(cfg) -> SliceEncoder:
+    """The backend named by ``cfg.backend`` (an :class:`~cryosam_ray.config.EncoderConfig`)."""
+    return ENCODERS[cfg.backend](cfg)
