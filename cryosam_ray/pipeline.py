@@ -167,6 +167,30 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
     return found
 
 
+def resolve_classes(particles: list[Particle], shape: tuple[int, int, int], *, overlap: float) -> list[Particle]:
+    """One class per physical particle: where particles of different classes overlap (by at least
+    ``overlap`` of the smaller), the prompt wins, else the best-matching class (highest
+    ``instance_similarity``). Returns the survivors, prompts first, each group in input order."""
+    ranked = sorted(range(len(particles)), key=lambda i: (particles[i].source != "prompt",
+                                                            -np.nan_to_num(particles[i].instance_similarity, nan=1.0)))
+    owner = np.zeros(shape, np.int32)  # 1 + index of the accepted particle holding each voxel
+    sizes = {}
+    kept = []
+    for i in ranked:
+        inst = particles[i].instance
+        z0, y0, x0, z1, y1, x1 = inst.bbox
+        region = owner[z0:z1, y0:y1, x0:x1]
+        holders = np.bincount(region[inst.mask], minlength=1)[1:]
+        clash = any(count >= overlap * min(inst.voxel_count, sizes[j]) for j, count in enumerate(holders) if count)
+        if clash:
+            log.debug("dropping a %s particle that overlaps a better match", particles[i].cls)
+            continue
+        region[inst.mask & (region == 0)] = i + 1
+        sizes[i] = inst.voxel_count
+        kept.append(i)
+    return [particles[i] for i in sorted(kept, key=lambda i: (particles[i].source != "prompt", i))]
+
+
 def particle_rows(tomogram: Tomogram, particles: list[Particle]) -> list[dict]:
     """Picks-table rows (instance ids 1..N in the given order)."""
     rows = []

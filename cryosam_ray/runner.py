@@ -20,7 +20,7 @@ from cryosam_ray.encoders import build_encoder
 from cryosam_ray.errors import CryoSamError, PromptError
 from cryosam_ray.features import FeatureVolume, compute_features
 from cryosam_ray.pipeline import (TomogramOutcome, build_queries, find_particles, match, particle_rows,
-                                  segment_prompts, write_tomogram_outputs)
+                                  resolve_classes, segment_prompts, write_tomogram_outputs)
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks, write_star
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, is_remote, open_tomogram
@@ -136,7 +136,7 @@ def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, c
                 particles += find_particles(tomo, volume, query, proposals, segmenter, cfg, known)
                 timer.add("propagate", t)
                 outcome.proposals[cls] = len(proposals)
-            outcome.particles = particles
+            outcome.particles = resolve_classes(particles, tomo.shape, overlap=cfg.instances.overlap)
             t = time.perf_counter()
             outcome.files = write_tomogram_outputs(out_dir, tomo, particles, classes)
             timer.add("write", t)

@@ -173,9 +173,11 @@ def write_dataset(out_dir: str, *, n: int = 2, seed: int = 0,
                   settings: SynthSettings = SynthSettings()) -> list[str]:
     """Write ``n`` tomograms ``synth_000 ...`` with labels and one ``truth.csv`` into ``out_dir``.
 
-    Files: ``<name>.mrc`` (float32 tomogram), ``<name>_labels.mrc`` (instance ids) and
-    ``truth.csv`` (``TRUTH_COLUMNS``, every particle of every tomogram). Tomogram ``i`` uses a
-    seed derived from ``(seed, i)``. Returns the tomogram MRC paths (not the label files).
+    Files: ``<name>.mrc`` (float32 tomogram), ``<name>_labels.mrc`` (instance ids),
+    ``truth.csv`` (``TRUTH_COLUMNS``, every particle of every tomogram) and ``prompts.csv``
+    (one point prompt per class: the first particle of that class in the dataset, as a user
+    would click it, for trying the pipeline). Tomogram ``i`` uses a seed derived from
+    ``(seed, i)``. Returns the tomogram MRC paths (not the label files).
     """
     if n < 0:
         raise ConfigError(f"n must be >= 0 tomograms; got {n}")
@@ -192,7 +194,14 @@ def write_dataset(out_dir: str, *, n: int = 2, seed: int = 0,
     with open(out / "truth.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=TRUTH_COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)  # written last: a complete truth.csv means a complete dataset
+        writer.writerows(rows)
+    first_of_class = {}
+    for row in rows:
+        first_of_class.setdefault(row["class"], row)
+    with open(out / "prompts.csv", "w", newline="") as fh:  # written last: the dataset is complete
+        writer = csv.DictWriter(fh, fieldnames=("tomogram", "z", "y", "x", "class"), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(first_of_class.values())
     return [str(p) for p in paths]
 
 

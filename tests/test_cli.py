@@ -44,12 +44,17 @@ def _evaluate(dataset, tmp_path, picks, *extra):
 
 def test_synth_writes_the_documented_files(dataset):
     names = sorted(p.name for p in dataset.iterdir())
-    assert names == ["synth_000.mrc", "synth_000_labels.mrc", "synth_001.mrc", "synth_001_labels.mrc", "truth.csv"]
+    assert names == ["prompts.csv", "synth_000.mrc", "synth_000_labels.mrc", "synth_001.mrc", "synth_001_labels.mrc",
+                     "truth.csv"]
     with open(dataset / "truth.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {"tomogram", "class", "instance_id", "z", "y", "x", "radius"} <= set(rows[0])
     assert {r["tomogram"] for r in rows} == {"synth_000", "synth_001"}
     assert len({r["class"] for r in rows}) == 3
+    with open(dataset / "prompts.csv") as handle:
+        prompts = list(csv.DictReader(handle))
+    assert sorted(p["class"] for p in prompts) == ["atpase", "hsp60", "ribosome"]
+    assert all(any(p.items() <= r.items() for r in rows) for p in prompts)  # each one a truth particle
 
 
 def test_truth_against_itself_is_perfect(dataset, tmp_path, capsys):

@@ -1,0 +1,30 @@
+"""Tiny random-weight models of the real architectures, saved the way users' weights are saved.
+
+Loading them goes through the product's real loading code (``build_sam``, ``Dinov2Encoder``);
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from cryosam_ray.segmenters.sam import build_sam
+
+
+def save_tiny_sam(path: Path, seed: int = 0) -> str:
+    """A ``vit_tiny`` SAM checkpoint (state dict, as the official .pth files)."""
+    torch.manual_seed(seed)
+    torch.save(build_sam("vit_tiny", None).state_dict(), path)
+    return str(path)
+
+
+def save_tiny_dinov2(folder: Path, seed: int = 0) -> str:
+    """A tiny Dinov2Model folder (config.json + weights, as ``save_pretrained`` writes it)."""
+    torch.manual_seed(seed)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=14, image_size=98)
+    transformers.Dinov2Model(config).save_pretrained(folder)
+    return str(folder)
