@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tomograms", required=True, nargs="+", help="tomogram files, folders or globs (local or s3://)")
     run.add_argument("--prompts", required=True, help="prompt table: CSV (tomogram,z,y,x[,class]), STAR or copick JSON")
     run.add_argument("--out", required=True, help="output folder (local or s3://)")
+    run.add_argument("--address", help="Ray: local (start one for this run, the default), auto (the running "
+                     "cluster), ray://HOST:10001, or none (in this process, without Ray) (config ray.address)")
     run.add_argument("--fail-fast", action="store_true", help="stop at the first tomogram that fails")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logging only)")
     run.add_argument("--voxel-size", type=float, help="voxel size in Angstrom instead of the headers'")
     _config_args(run)
     run.set_defaults(func=cmd_run)
@@ -145,12 +148,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cryosam_ray.runner import run_in_process
+    cfg = _load(args, {"io.voxel_size_a": args.voxel_size, "ray.address": args.address})
+    if cfg.ray.address == "none":
+        from cryosam_ray.runner import run_in_process
 
-    cfg = _load(args, {"io.voxel_size_a": args.voxel_size})
-    summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast)
-    for outcome in summary.outcomes:
-        state = f"{len(outcome.particles)} particles" if outcome.status == "done" else f"FAILED: {outcome.error}"
+        summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast)
+    else:
+        from cryosam_ray.ray_runner import run_on_ray
+
+        summary = run_on_ray(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
+                             progress=not args.no_progress)
+    for outcome in sorted(summary.outcomes, key=lambda o: o.name):
+        state = {"done": f"{outcome.picks} particles", "skipped": f"{outcome.picks} particles (done before)",
+                 "failed": f"FAILED: {outcome.error}"}[outcome.status]
         print(f"{outcome.name}: {state}")
     print(f"wrote {args.out.rstrip('/')}/picks.parquet, picks.csv, picks.star, masks/ and run.json")
     return 1 if summary.failed else 0

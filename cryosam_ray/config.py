@@ -173,6 +173,29 @@ class InstancesConfig(_Section):
     overlap: float = Field(0.3, gt=0, le=1, description="Masks sharing this fraction of the smaller one are one particle.")
 
 
+class PoolConfig(_Section):
+    """One actor pool: how many actors and what each one holds."""
+
+    size: int = Field(1, ge=1, description="Actors in the pool.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on GPU nodes; fractional to share one; 0 on CPU).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (fractional on small machines).")
+
+
+class RayConfig(_Section):
+    """The Ray wiring of ``cryosam run`` (see :mod:`cryosam_ray.ray_runner`)."""
+
+    address: str = Field("local", description="local: start a Ray for this run; auto: the running cluster; "
+                         "ray://host:10001: a remote cluster; none: run in this process without Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
+    encoders: PoolConfig = Field(default_factory=PoolConfig, description="Slice-encoder actors.")
+    segmenters: PoolConfig = Field(default_factory=PoolConfig, description="Propagation (segmenter) actors.")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per plain task (statistics, matching, writing).")
+    max_inflight_shards: int = Field(8, ge=1, description="Encoding shards in flight at once (bounds memory).")
+    max_inflight_tomograms: int = Field(4, ge=1, description="Tomograms between encoding and writing at once.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor.")
+    max_retries: int = Field(3, ge=0, description="Retries of a task or actor call lost to a crash.")
+
+
 class CryoSamConfig(_Section):
     """The whole job configuration."""
 
@@ -185,6 +208,7 @@ class CryoSamConfig(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     matching: MatchingConfig = Field(default_factory=MatchingConfig)
     instances: InstancesConfig = Field(default_factory=InstancesConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> CryoSamConfig:

@@ -34,9 +34,9 @@ def tomogram_signature(tomogram) -> dict:
             "voxel_size_a": tomogram.voxel_size_a, "mean": round(stats.mean, 6), "std": round(stats.std, 6)}
 
 
-def feature_key(tomogram, encoder) -> str:
+def feature_key(tomogram, encoder_signature: dict) -> str:
     """Deterministic store key: ``<tomogram name>-<16 hex digits of data + encoder signature>``."""
-    payload = json.dumps({"data": tomogram_signature(tomogram), "encoder": encoder.signature()}, sort_keys=True)
+    payload = json.dumps({"data": tomogram_signature(tomogram), "encoder": encoder_signature}, sort_keys=True)
     return f"{tomogram.name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
@@ -121,27 +121,37 @@ def compute_features(tomogram, encoder, *, store_url: str | None = None, shard_s
     from cryosam_ray.feature_store import FeatureStore
 
     encoder.fit(tomogram)
-    store = FeatureStore.open(store_url, tomogram, encoder) if store_url else None
+    if store_url:
+        store = create_store(store_url, tomogram, encoder, shard_slices)
+        for axis in range(3):
+            for start, stop in store.missing_shards(axis):
+                store.write_shard(axis, start, encode_shard(tomogram, encoder, axis, start, stop))
+                if progress:
+                    progress(stop - start)
+        return store.volume()
     axes = []
     for axis in range(3):
-        n = tomogram.shape[axis]
         hw = slice_shape(tomogram.shape, axis)
-        grid = encoder.token_grid(hw)
-        maps = store.axis_array(axis, grid, encoder.feature_dim, shard_slices) if store else \
-            np.zeros((n, *grid, encoder.feature_dim), np.float32)
-        for start in range(0, n, shard_slices):
-            stop = min(n, start + shard_slices)
-            if store and store.shard_done(axis, start):
-                continue
-            feats = encode_shard(tomogram, encoder, axis, start, stop)
-            if store:
-                store.write_shard(axis, start, feats)
-            else:
-                maps[start:stop] = feats
+        maps = np.zeros((tomogram.shape[axis], *encoder.token_grid(hw), encoder.feature_dim), np.float32)
+        for start in range(0, tomogram.shape[axis], shard_slices):
+            stop = min(tomogram.shape[axis], start + shard_slices)
+            maps[start:stop] = encode_shard(tomogram, encoder, axis, start, stop)
             if progress:
                 progress(stop - start)
         axes.append(AxisMaps(axis, maps, hw))
     return FeatureVolume(tomogram.shape, axes)
+
+
+def create_store(store_url: str, tomogram, encoder, shard_slices: int = SHARD_SLICES):
+    """The tomogram's :class:`~cryosam_ray.feature_store.FeatureStore` group for this encoder."""
+    from cryosam_ray.feature_store import FeatureStore
+
+    signature = encoder.signature()
+    return FeatureStore.create(
+        FeatureStore.group_url(store_url, feature_key(tomogram, signature)), shape=tomogram.shape,
+        tomogram_url=tomogram.url, encoder_signature=signature,
+        grids=[encoder.token_grid(slice_shape(tomogram.shape, a)) for a in range(3)],
+        channels=encoder.feature_dim, shard_slices=shard_slices)
 
 
 def encode_shard(tomogram, encoder, axis: int, start: int, stop: int) -> np.ndarray:

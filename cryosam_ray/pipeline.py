@@ -72,8 +72,9 @@ class TomogramOutcome:
 
     name: str
     url: str
-    status: str = "done"  # done | failed
+    status: str = "done"  # done | failed | skipped (done by an earlier run with the same inputs)
     error: str = ""
+    picks: int = 0
     particles: list[Particle] = field(default_factory=list)
     proposals: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
@@ -88,33 +89,63 @@ def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: Cry
     return [Particle(p.cls, inst, "prompt") for p, inst in zip(points, instances) if not inst.empty]
 
 
+@dataclass
+class QueryPart:
+    """One tomogram's contribution to a class query: the feature sum over its prompt voxels."""
+
+    cls: str
+    feature_sum: np.ndarray  # (3C,) float64
+    voxels: int
+    sizes: list[int]
+
+
+def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryPart]:
+    """Per class, the sum of voxel features over this tomogram's prompt particles."""
+    parts: dict[str, QueryPart] = {}
+    for particle in particles:
+        vox = particle.voxels()
+        total = query_feature(volume, [vox]).astype(np.float64) * len(vox)
+        part = parts.setdefault(particle.cls, QueryPart(particle.cls, np.zeros_like(total), 0, []))
+        part.feature_sum += total
+        part.voxels += len(vox)
+        part.sizes.append(particle.instance.voxel_count)
+    return list(parts.values())
+
+
+def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
+    """The paper's query: sum over all prompt voxels of a class, wherever they lie, over their count."""
+    merged: dict[str, QueryPart] = {}
+    for part in parts:
+        acc = merged.setdefault(part.cls, QueryPart(part.cls, np.zeros_like(part.feature_sum), 0, []))
+        acc.feature_sum += part.feature_sum
+        acc.voxels += part.voxels
+        acc.sizes += part.sizes
+    queries = {}
+    for cls, part in sorted(merged.items()):
+        median = float(np.median(part.sizes))
+        queries[cls] = ClassQuery(cls, (part.feature_sum / part.voxels).astype(np.float32), median,
+                                  (3 * median / (4 * math.pi)) ** (1 / 3))
+    return queries
+
+
+def score_particles(volume: FeatureVolume, particles: list[Particle], queries: dict[str, ClassQuery]) -> None:
+    """Set each particle's ``instance_similarity``: its mean feature's cosine with its class query."""
+    for particle in particles:
+        particle.instance_similarity = _cosine(query_feature(volume, [particle.voxels()]),
+                                               queries[particle.cls].vector)
+
+
 def build_queries(prompt_particles: dict[str, list[Particle]], volumes: dict[str, FeatureVolume]) -> dict[str, ClassQuery]:
-    """One :class:`ClassQuery` per class from the prompt particles of every tomogram.
+    """One :class:`ClassQuery` per class from the prompt particles of every tomogram (in process).
 
     Args:
-        prompt_particles: tomogram name -> its prompt particles.
+        prompt_particles: tomogram name -> its prompt particles (scored in place).
         volumes: tomogram name -> its features (for every tomogram holding prompts).
     """
-    by_class: dict[str, list[tuple[str, Particle]]] = defaultdict(list)
+    queries = combine_queries([part for name, particles in prompt_particles.items()
+                               for part in query_parts(volumes[name], particles)])
     for name, particles in prompt_particles.items():
-        for particle in particles:
-            by_class[particle.cls].append((name, particle))
-    queries = {}
-    for cls, members in sorted(by_class.items()):
-        total, count = None, 0
-        for name, particle in members:  # the paper's formula: sum over all instance voxels / their count
-            vox = particle.voxels()
-            mean = query_feature(volumes[name], [vox]).astype(np.float64)
-            total = mean * len(vox) if total is None else total + mean * len(vox)
-            count += len(vox)
-        sizes = [p.instance.voxel_count for _, p in members]
-        median = float(np.median(sizes))
-        queries[cls] = ClassQuery(cls, (total / count).astype(np.float32), median,
-                                  (3 * median / (4 * math.pi)) ** (1 / 3))
-    for name, particles in prompt_particles.items():
-        for particle in particles:
-            particle.instance_similarity = _cosine(query_feature(volumes[name], [particle.voxels()]),
-                                                   queries[particle.cls].vector)
+        score_particles(volumes[name], particles, queries)
     return queries
 
 
@@ -160,7 +191,7 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
             if not lo <= inst.voxel_count <= hi:
                 continue
             particle = Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i]))
-            particle.instance_similarity = _cosine(query_feature(volume, [particle.voxels()]), query.vector)
+            score_particles(volume, [particle], {query.cls: query})
             if particle.instance_similarity >= inst_cfg.min_similarity:
                 found.append(particle)
     log.info("%s: %d %s particles from %d proposals", tomogram.name, len(found), query.cls, len(proposals))

@@ -22,7 +22,7 @@ from cryosam_ray.features import FeatureVolume, compute_features
 from cryosam_ray.pipeline import (TomogramOutcome, build_queries, find_particles, match, particle_rows,
                                   resolve_classes, segment_prompts, write_tomogram_outputs)
 from cryosam_ray.segmenters import build_segmenter
-from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks, write_star
+from cryosam_ray.tables import Point, picks_table, read_prompts, write_bytes_atomic, write_picks, write_star
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, is_remote, open_tomogram
 
 log = logging.getLogger(__name__)
@@ -150,27 +150,36 @@ def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, c
 
 def write_run_outputs(out_dir: str, summary: RunSummary, tomograms: dict[str, Tomogram], cfg: CryoSamConfig,
                       classes: list[str]) -> list[str]:
-    """picks.parquet / picks.csv / picks.star of all tomograms, and run.json."""
+    """picks.parquet / picks.csv / picks.star of all tomograms, and run.json (in-process run)."""
     rows = []
     for outcome in summary.outcomes:
         if outcome.status == "done":
-            rows += particle_rows(tomograms[outcome.name], outcome.particles)
-    table = picks_table(rows)
+            outcome.picks = len(outcome.particles)
+            rows.append(particle_rows(tomograms[outcome.name], outcome.particles))
+    return write_run_outputs_from_rows(out_dir, summary, rows, cfg, classes, extra={"executor": "in-process"})
+
+
+def write_run_outputs_from_rows(out_dir: str, summary: RunSummary, rows: list[list[dict]], cfg: CryoSamConfig,
+                                classes: list[str], *, extra: dict | None = None) -> list[str]:
+    """The run's tables (from every tomogram's picks rows) and its manifest ``run.json``."""
+    table = picks_table([row for part in rows for row in part])
     base = str(out_dir).rstrip("/")
     files = write_picks(table, base)
     files.append(write_star(table, f"{base}/picks.star"))
+    statuses = [o.status for o in summary.outcomes]
     manifest = {
         "config": cfg.model_dump(mode="json"),
         "versions": _versions(),
+        **(extra or {}),
         "classes": classes,
         "times_s": {k: round(v, 3) for k, v in summary.times.items()},
-        "counts": {"tomograms": len(summary.outcomes), "failed": len(summary.failed), "picks": table.num_rows},
-        "tomograms": {o.name: {"url": o.url, "status": o.status, "error": o.error, "picks": len(o.particles),
+        "counts": {"tomograms": len(summary.outcomes), "done": statuses.count("done"),
+                   "skipped": statuses.count("skipped"), "failed": statuses.count("failed"), "picks": table.num_rows},
+        "tomograms": {o.name: {"url": o.url, "status": o.status, "error": o.error, "picks": o.picks,
                                "proposals": o.proposals} for o in summary.outcomes},
     }
-    with fsspec.open(f"{base}/run.json", "w") as handle:
-        json.dump(manifest, handle, indent=2)
-    return files + [f"{base}/run.json"]
+    files.append(write_bytes_atomic(f"{base}/run.json", json.dumps(manifest, indent=2).encode()))
+    return files
 
 
 def _group_prompts(points: list[Point], tomograms: dict[str, Tomogram], source: str) -> dict[str, list[Point]]:

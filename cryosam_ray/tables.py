@@ -175,7 +175,7 @@ def write_picks(table: pa.Table, out_dir_or_prefix: str) -> list[str]:
     for suffix, writer in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
         buf = io.BytesIO()
         writer(table, buf)
-        written.append(_write_bytes(prefix + suffix, buf.getvalue()))
+        written.append(write_bytes_atomic(prefix + suffix, buf.getvalue()))
     return written
 
 
@@ -344,7 +344,7 @@ def write_star(table: pa.Table, path: str, *, cls: str | None = None) -> str:
         tomo = cols["tomogram"][i]
         tomo = f'"{tomo}"' if not tomo or re.search(r"\s", tomo) else tomo
         lines.append(f"{tomo} {x!r} {y!r} {z!r} {cols['score'][i]!r} {number[cols['class'][i]]}")
-    return _write_bytes(str(path), ("\n".join(lines) + "\n\n").encode())
+    return write_bytes_atomic(str(path), ("\n".join(lines) + "\n\n").encode())
 
 
 def write_copick(table: pa.Table, out_dir: str, *, user_id: str = "cryosam", session_id: str = "0") -> list[str]:
@@ -379,7 +379,7 @@ def write_copick(table: pa.Table, out_dir: str, *, user_id: str = "cryosam", ses
                "voxel_spacing": sizes[0] if len(set(sizes)) == 1 else None, "unit": "angstrom",
                "points": points, "trust_orientation": False}
         target = f"{str(out_dir).rstrip('/')}/ExperimentRuns/{tomo}/Picks/{user_id}_{session_id}_{cls}.json"
-        written.append(_write_bytes(target, json.dumps(doc, indent=1).encode()))
+        written.append(write_bytes_atomic(target, json.dumps(doc, indent=1).encode()))
     return written
 
 
@@ -424,7 +424,7 @@ def _read_bytes(path: str) -> bytes:
         raise TableError(path, f"cannot read the file: {err}") from err
 
 
-def _write_bytes(path: str, data: bytes) -> str:
+def write_bytes_atomic(path: str, data: bytes) -> str:
     """Write ``data`` to ``path``: atomically (temp file + os.replace) locally, plainly over fsspec."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):

@@ -58,7 +58,7 @@ def test_run_with_dinov2_and_sam(tiny):
     root, sam, dinov2 = tiny
     out = root / "run"
     code = main(["run", "--tomograms", str(root / "TS_01.mrc"), "--prompts", str(root / "prompts.csv"),
-                 "--out", str(out), *SAM_FLAGS, "--set", f"segmenter.sam.checkpoint={sam}",
+                 "--out", str(out), "--address", "none", *SAM_FLAGS, "--set", f"segmenter.sam.checkpoint={sam}",
                  "--set", "encoder.backend=dinov2", "--set", f"encoder.dinov2.model={dinov2}",
                  "--set", "encoder.dinov2.image_size=98", "--set", "encoder.dinov2.device=cpu",
                  "--set", "matching.top_k=3", "--set", "matching.tau_sim=-1", "--set", "instances.batch=3",

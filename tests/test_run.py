@@ -1,4 +1,4 @@
-"""`cryosam segment` and `cryosam run` (in process) end to end on synthetic data."""
+"""`cryosam segment` and `cryosam run --address none` (in process, no Ray) end to end on synthetic data."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
 def run_dir(dataset):
     root, data, prompts = dataset
     out = root / "out"
-    code = main(["run", "--tomograms", str(data), "--prompts", str(prompts), "--out", str(out)])
+    code = main(["run", "--tomograms", str(data), "--prompts", str(prompts), "--out", str(out), "--address", "none"])
     assert code == 1  # one tomogram failed, and the exit code says so
     return out
 
