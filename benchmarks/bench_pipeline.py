@@ -66,8 +66,8 @@ def main() -> None:
         startup = time.perf_counter() - t
         from cryosam_ray.ray_runner import run_on_ray
 
-        share = max(args.cpus / 4, 0.25)  # actors and tasks share the CPUs without starving each other
         for workers in (1, 2):
+            share = args.cpus / (2 * workers + 2)  # actors plus two tasks fit: none waits for CPUs forever
             t = time.perf_counter()
             summary = run_on_ray([str(data)], str(prompts), str(root / f"ray{workers}"),
                                  _cfg(workers, share, share), progress=False)

@@ -56,6 +56,25 @@ def connect(address: str, *, num_cpus: int | None = None) -> bool:
     return False
 
 
+def fit_to_local_cpus(cfg: CryoSamConfig, total_cpus: float) -> CryoSamConfig:
+    """Scale CPU requests so the actor pools and two tasks fit a local Ray of ``total_cpus``.
+
+    Whole-CPU actors plus whole-CPU tasks deadlock a small machine: actors hold their CPUs for
+    the whole run, so tasks that need one more could never start. A cluster (which may
+    autoscale) is left as configured.
+    """
+    r = cfg.ray
+    demand = r.encoders.size * r.encoders.num_cpus + r.segmenters.size * r.segmenters.num_cpus + 2 * r.task_cpus
+    if demand <= total_cpus:
+        return cfg
+    factor = total_cpus / demand
+    log.info("scaling CPU requests by %.2f to fit a local Ray of %g CPUs", factor, total_cpus)
+    return cfg.model_copy(update={"ray": r.model_copy(update={
+        "encoders": r.encoders.model_copy(update={"num_cpus": r.encoders.num_cpus * factor}),
+        "segmenters": r.segmenters.model_copy(update={"num_cpus": r.segmenters.num_cpus * factor}),
+        "task_cpus": r.task_cpus * factor})})
+
+
 def _device() -> str:
     """The device Ray assigned to this actor: an actor with num_gpus=0 sees every GPU but owns none."""
     return "cuda" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs
@@ -327,6 +346,12 @@ def run_on_ray(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: 
     """
     t0 = time.perf_counter()
     started = connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    if cfg.ray.address == "local":
+        cfg = fit_to_local_cpus(cfg, cluster_cpus)
+    elif fit_to_local_cpus(cfg, cluster_cpus) is not cfg:
+        log.warning("the actor pools and tasks ask for more CPUs than the cluster has now (%g); unless it "
+                    "autoscales, tasks will wait for CPUs the actors hold: lower ray.*.num_cpus", cluster_cpus)
     try:
         summary = _run(tomogram_specs, prompts_path, out_dir, cfg, fail_fast, progress)
     finally:

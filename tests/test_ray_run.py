@@ -181,3 +181,14 @@ def test_tiny_dinov2_and_sam_on_ray(cluster, tmp_path):
     picks = read_picks(str(out / "picks.parquet"))
     assert picks.num_rows >= 1 and set(picks.column("class").to_pylist()) == {"blob"}
     assert manifest["config"]["encoder"]["backend"] == "dinov2"
+
+
+def test_local_resources_are_scaled_to_fit_and_clusters_left_alone():
+    from cryosam_ray.config import load_config
+    from cryosam_ray.ray_runner import fit_to_local_cpus
+
+    cfg = load_config()  # whole-CPU actors and tasks: 1 + 1 + 2 > 2 CPUs would deadlock
+    fitted = fit_to_local_cpus(cfg, 2)
+    r = fitted.ray
+    assert r.encoders.num_cpus + r.segmenters.num_cpus + 2 * r.task_cpus == pytest.approx(2)
+    assert fit_to_local_cpus(cfg, 16) is cfg
