@@ -189,6 +189,8 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
     encoders: PoolConfig = Field(default_factory=PoolConfig, description="Slice-encoder actors.")
     segmenters: PoolConfig = Field(default_factory=PoolConfig, description="Propagation (segmenter) actors.")
+    embedders: PoolConfig = Field(default_factory=PoolConfig, description="SAM image-embedding actors (used when "
+                                  "segmenter.sam.embedding_store is set: slices are embedded ahead into it).")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per plain task (statistics, matching, writing).")
     max_inflight_shards: int = Field(8, ge=1, description="Encoding shards in flight at once (bounds memory).")
     max_inflight_tomograms: int = Field(4, ge=1, description="Tomograms between encoding and writing at once.")

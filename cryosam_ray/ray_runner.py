@@ -36,9 +36,9 @@ from cryosam_ray.pipeline import ClassQuery, TomogramOutcome, combine_queries
 from cryosam_ray.runner import RunSummary, _group_prompts, expand_tomograms, write_run_outputs_from_rows
 from cryosam_ray.tables import Point, read_prompts
 from cryosam_ray.tomo_io import open_tomogram, tomogram_name
-from cryosam_ray.workers import (EncoderWorker, SegmenterWorker, finish_tomogram, input_fingerprint,
-                                 match_tomogram, prompt_query_parts, read_record, result_signature,
-                                 tomogram_stats, with_device, write_record)
+from cryosam_ray.workers import (EmbedderWorker, EncoderWorker, SegmenterWorker, embedding_axes, finish_tomogram,
+                                 input_fingerprint, match_tomogram, precomputes_embeddings, prompt_query_parts,
+                                 read_record, result_signature, tomogram_stats, with_device, write_record)
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,14 @@ def fit_to_local_cpus(cfg: CryoSamConfig, total_cpus: float) -> CryoSamConfig:
     autoscale) is left as configured.
     """
     r = cfg.ray
-    demand = r.encoders.size * r.encoders.num_cpus + r.segmenters.size * r.segmenters.num_cpus + 2 * r.task_cpus
+    pools = ["encoders", "segmenters"] + (["embedders"] if precomputes_embeddings(cfg) else [])
+    demand = sum(getattr(r, p).size * getattr(r, p).num_cpus for p in pools) + 2 * r.task_cpus
     if demand <= total_cpus:
         return cfg
     factor = total_cpus / demand
     log.info("scaling CPU requests by %.2f to fit a local Ray of %g CPUs", factor, total_cpus)
-    return cfg.model_copy(update={"ray": r.model_copy(update={
-        "encoders": r.encoders.model_copy(update={"num_cpus": r.encoders.num_cpus * factor}),
-        "segmenters": r.segmenters.model_copy(update={"num_cpus": r.segmenters.num_cpus * factor}),
-        "task_cpus": r.task_cpus * factor})})
+    update = {p: getattr(r, p).model_copy(update={"num_cpus": getattr(r, p).num_cpus * factor}) for p in pools}
+    return cfg.model_copy(update={"ray": r.model_copy(update={**update, "task_cpus": r.task_cpus * factor})})
 
 
 def _device() -> str:
@@ -89,6 +88,14 @@ class _EncoderActor:
 
     def encode(self, url, stats, group_url, axis, start, stop):
         return self.worker.encode(url, stats, group_url, axis, start, stop)
+
+
+class _EmbedderActor:
+    def __init__(self, cfg_json: dict):
+        self.worker = EmbedderWorker(with_device(CryoSamConfig.model_validate(cfg_json), "segmenter", _device()))
+
+    def embed(self, url, stats, axis, start, stop):
+        return self.worker.embed(url, stats, axis, start, stop)
 
 
 class _SegmenterActor:
@@ -137,9 +144,14 @@ class _Tomo:
     record: dict
     points: list[Point] = field(default_factory=list)
     stats: object = None
+    stats_shape: tuple = ()
     group_url: str = ""
     shards: int = 0  # not yet committed
     encoded: bool = False
+    embeds: int = 0  # SAM embedding shards not yet committed
+    embedded: bool = True
+    prompts_sent: bool = False
+    proposals_ref: object = None  # match result waiting for the embeddings
     prompts_ref: object = None  # its prompt particles (ref)
     prompts_done: bool = False
     parts_sent: bool = False
@@ -186,7 +198,8 @@ class _RayRun:
         self.counts: dict[str, int] = defaultdict(int)
         self.run_id = uuid.uuid4().hex[:8]
         self.progress = _Progress(progress)
-        self._encoders = self._segmenters = None
+        self._encoders = self._segmenters = self._embedders = None
+        self.precompute = precomputes_embeddings(cfg)
         opts = {"num_cpus": cfg.ray.task_cpus, "max_retries": cfg.ray.max_retries, "retry_exceptions": _TRANSIENT}
         self.stats_task = ray.remote(tomogram_stats).options(**opts)
         self.parts_task = ray.remote(prompt_query_parts).options(**opts)
@@ -198,6 +211,12 @@ class _RayRun:
         self._encoders = self._encoders or _Pool(_EncoderActor, self.cfg.ray.encoders, self.cfg,
                                                f"cryosam-{self.run_id}-encoder")
         return self._encoders
+
+    @property
+    def embedders(self) -> _Pool:
+        self._embedders = self._embedders or _Pool(_EmbedderActor, self.cfg.ray.embedders, self.cfg,
+                                                   f"cryosam-{self.run_id}-embedder")
+        return self._embedders
 
     @property
     def segmenters(self) -> _Pool:
@@ -214,16 +233,30 @@ class _RayRun:
 
     def _pump_shards(self) -> None:
         while self.shard_queue and self.inflight_shards < self.cfg.ray.max_inflight_shards:
-            t, axis, start, stop = self.shard_queue.popleft()
+            t, kind, axis, start, stop = self.shard_queue.popleft()
             if t.failed:
                 continue
-            ref = self.encoders.call("encode", t.url, t.stats, t.group_url, axis, start, stop)
-            self._submit(ref, t.name, "shard", stop - start, self.encoders)
+            if kind == "shard":
+                ref = self.encoders.call("encode", t.url, t.stats, t.group_url, axis, start, stop)
+                self._submit(ref, t.name, kind, stop - start, self.encoders)
+            else:
+                ref = self.embedders.call("embed", t.url, t.stats, axis, start, stop)
+                self._submit(ref, t.name, kind, stop - start, self.embedders)
             self.inflight_shards += 1
 
     def _advance(self, t: _Tomo) -> None:
         if t.failed:
             return
+        if t.points and t.embedded and t.stats is not None and not t.prompts_sent:
+            t.prompts_sent = True
+            t.prompts_ref = self.segmenters.call("segment_prompts", t.url, t.stats, t.points)
+            self._submit(t.prompts_ref, t.name, "prompts", pool=self.segmenters)
+        if t.proposals_ref is not None and t.embedded:
+            prompts = t.prompts_ref if t.points else []
+            ref = self.segmenters.call("find_particles", t.url, t.stats, t.group_url, self.queries,
+                                       t.proposals_ref, prompts)
+            t.proposals_ref = None
+            self._submit(ref, t.name, "find", pool=self.segmenters)
         if t.points and t.encoded and t.prompts_done and not t.parts_sent and t.name in self.waiting_parts:
             t.parts_sent = True
             self._submit(self.parts_task.remote(t.group_url, t.prompts_ref), t.name, "parts")
@@ -234,16 +267,21 @@ class _RayRun:
     # -- completion ------------------------------------------------------------------------
     def on_done(self, ref, name: str, kind: str, extra) -> None:
         t = self.tomos[name]
-        if kind == "shard":
+        if kind in ("shard", "embed"):
             self.inflight_shards -= 1
         if t.failed:
             return
         if kind == "stats":
-            t.stats, _ = ray.get(ref)
+            t.stats, header = ray.get(ref)
+            t.stats_shape = tuple(header["shape"])
             self._submit(self.encoders.call("describe", t.url, t.stats), name, "describe", pool=self.encoders)
-            if t.points:
-                t.prompts_ref = self.segmenters.call("segment_prompts", t.url, t.stats, t.points)
-                self._submit(t.prompts_ref, name, "prompts", pool=self.segmenters)
+            if self.precompute:
+                step = self.cfg.features.shard_slices
+                shards = [(axis, a, min(a + step, t.stats_shape[axis])) for axis in embedding_axes(self.cfg)
+                          for a in range(0, t.stats_shape[axis], step)]
+                t.embeds, t.embedded = len(shards), not shards
+                self.progress.add("embeddings", total=sum(b - a for _, a, b in shards))
+                self.shard_queue.extend((t, "embed", axis, a, b) for axis, a, b in shards)
         elif kind == "describe":
             info = ray.get(ref)
             t.group_url = FeatureStore.group_url(self.store, info["group"])
@@ -254,13 +292,19 @@ class _RayRun:
             self.progress.add("slices", total=sum(b - a for _, a, b in missing))
             t.shards = len(missing)
             t.encoded = not missing
-            self.shard_queue.extend((t, axis, a, b) for axis, a, b in missing)
+            self.shard_queue.extend((t, "shard", axis, a, b) for axis, a, b in missing)
         elif kind == "shard":
             ray.get(ref)  # raises if the shard failed for good
             self.counts["shards_encoded"] += 1
             self.progress.add("slices", done=extra)
             t.shards -= 1
             t.encoded = t.shards == 0
+        elif kind == "embed":
+            ray.get(ref)
+            self.counts["embedding_shards"] += 1
+            self.progress.add("embeddings", done=extra)
+            t.embeds -= 1
+            t.embedded = t.embeds == 0
         elif kind == "prompts":
             t.prompts_done = True
             self.progress.add("prompts", done=len(t.points))
@@ -270,9 +314,7 @@ class _RayRun:
             self._maybe_queries()
         elif kind == "match":
             self.counts["proposals"] += sum(len(p) for p in ray.get(ref).values())
-            prompts = t.prompts_ref if t.points else []
-            ref2 = self.segmenters.call("find_particles", t.url, t.stats, t.group_url, self.queries, ref, prompts)
-            self._submit(ref2, name, "find", pool=self.segmenters)
+            t.proposals_ref = ref  # propagated once the tomogram's SAM embeddings are in (see _advance)
         elif kind == "find":
             classes = sorted(self.queries)
             self._submit(self.finish_task.remote(t.url, t.stats, ref, classes, self.out_dir, self.cfg, t.record),

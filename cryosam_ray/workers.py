@@ -129,6 +129,38 @@ class SegmenterWorker:
         return resolve_classes(particles, tomo.shape, overlap=self.cfg.instances.overlap)
 
 
+class EmbedderWorker:
+    """Holds SAM's image encoder; commits slice embeddings to the embedding store.
+
+    Used when ``segmenter.sam.embedding_store`` is set: every slice the propagation may visit is
+    embedded ahead, in shards spread over the embedder pool, so the segmenter actors only read.
+    """
+
+    def __init__(self, cfg: CryoSamConfig):
+        self.cfg = cfg
+        self.segmenter = build_segmenter(cfg.segmenter)
+        self._tomograms = _TomogramCache(cfg)
+        self._current: str | None = None
+
+    def embed(self, url: str, stats: VolumeStats, axis: int, start: int, stop: int) -> dict:
+        t0 = time.perf_counter()
+        if self._current != url:
+            self.segmenter.set_tomogram(self._tomograms.get(url, stats))
+            self._current = url
+        self.segmenter.embed_slices(axis, range(start, stop))
+        return {"url": url, "axis": axis, "start": start, "slices": stop - start, "seconds": time.perf_counter() - t0}
+
+
+def precomputes_embeddings(cfg: CryoSamConfig) -> bool:
+    """True when SAM embeddings are computed ahead into a store (else on demand, in memory)."""
+    return cfg.segmenter.backend == "sam" and bool(cfg.segmenter.sam.embedding_store)
+
+
+def embedding_axes(cfg: CryoSamConfig) -> tuple[int, ...]:
+    """The axes whose slices propagation visits."""
+    return (0, 1, 2) if cfg.propagation.directions == "six" else (0,)
+
+
 def prompt_query_parts(group_url: str, particles: list[Particle]) -> list[QueryPart]:
     """This tomogram's share of each class query (feature sums over its prompt voxels)."""
     return query_parts(FeatureStore.open(group_url, mode="r").volume(), particles)
