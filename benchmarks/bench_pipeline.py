@@ -62,7 +62,7 @@ def main() -> None:
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         t = time.perf_counter()
-        ray.init(num_cpus=args.cpus, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, log_to_driver=False)
         startup = time.perf_counter() - t
         from cryosam_ray.ray_runner import run_on_ray
 

@@ -50,7 +50,7 @@ def connect(address: str, *, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
         return True
     ray.init(address=address, log_to_driver=False, configure_logging=False)
     return False

@@ -35,7 +35,7 @@ def cluster(s3_endpoint):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION")}
-    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {**aws, "HF_HUB_OFFLINE": "1"}})
+    ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {**aws, "HF_HUB_OFFLINE": "1"}})
     yield
     ray.shutdown()
 
