@@ -89,9 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "cluster), ray://HOST:10001, or none (in this process, without Ray) (config ray.address)")
     run.add_argument("--fail-fast", action="store_true", help="stop at the first tomogram that fails")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logging only)")
+    run.add_argument("--incremental", action="store_true", help="process only tomograms without finished outputs "
+                     "in --out (nightly runs over a growing folder); run.json lists new, done, skipped, failed")
     run.add_argument("--voxel-size", type=float, help="voxel size in Angstrom instead of the headers'")
     _config_args(run)
     run.set_defaults(func=cmd_run)
+
+    sm = sub.add_parser("submit", help="submit a cryosam run to a running Ray cluster (Jobs API)",
+                        description="Submits the command after -- as a Ray job with id <name>-<YYYYMMDD>; "
+                        "resubmitting the same day finds the same job. The token comes from RAY_AUTH_TOKEN.")
+    sm.add_argument("--address", default=None, help="the head's job server, e.g. http://HEAD:8265 "
+                    "(default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    sm.add_argument("--name", required=True, help="job name; the submission id is <name>-<YYYYMMDD>")
+    sm.add_argument("--date", help="YYYYMMDD for the submission id (default: today)")
+    sm.add_argument("--runtime-env", help="YAML/JSON Ray runtime environment (pip, env_vars, working_dir ...)")
+    sm.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 1 unless it succeeded")
+    sm.add_argument("job", nargs=argparse.REMAINDER, help="-- cryosam run ...")
+    sm.set_defaults(func=cmd_submit)
     return parser
 
 
@@ -152,18 +166,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.ray.address == "none":
         from cryosam_ray.runner import run_in_process
 
+        if args.incremental:
+            raise CryoSamError("--incremental needs the Ray runner's per-tomogram records: drop --address none")
         summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast)
     else:
         from cryosam_ray.ray_runner import run_on_ray
 
         summary = run_on_ray(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, incremental=args.incremental)
     for outcome in sorted(summary.outcomes, key=lambda o: o.name):
         state = {"done": f"{outcome.picks} particles", "skipped": f"{outcome.picks} particles (done before)",
                  "failed": f"FAILED: {outcome.error}"}[outcome.status]
         print(f"{outcome.name}: {state}")
     print(f"wrote {args.out.rstrip('/')}/picks.parquet, picks.csv, picks.star, masks/ and run.json")
     return 1 if summary.failed else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+
+    from cryosam_ray.submit import SubmitError, load_runtime_env, submit
+
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if args.date and not (len(args.date) == 8 and args.date.isdigit()):
+        raise SubmitError(f"--date {args.date!r}: expected YYYYMMDD")
+    date = dt.datetime.strptime(args.date, "%Y%m%d").date() if args.date else None
+    address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    try:
+        status = submit(job, address=address, name=args.name, runtime_env=load_runtime_env(args.runtime_env),
+                        date=date, wait=args.wait)
+    except SubmitError as exc:
+        if args.wait and "ended" in str(exc):
+            print(f"cryosam submit: {exc}", file=sys.stderr)
+            return 1
+        raise
+    print(status)
+    return 0
 
 
 def _evaluate_mask_files(truth_labels: str, pred_masks: str) -> dict:

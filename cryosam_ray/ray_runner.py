@@ -380,11 +380,13 @@ class _RayRun:
 
 
 def run_on_ray(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *,
-               fail_fast: bool = False, progress: bool = True) -> RunSummary:
+               fail_fast: bool = False, progress: bool = True, incremental: bool = False) -> RunSummary:
     """The full pipeline over a dataset on Ray (joining or starting one per ``cfg.ray.address``).
 
     Tomograms whose record in ``out_dir/tomograms/`` matches this run's inputs and settings are
-    skipped (resume); the picks table and ``run.json`` always cover every tomogram of the run.
+    skipped (resume); with ``incremental``, every tomogram with finished outputs is skipped, so a
+    nightly job over a growing folder processes only what is new. The picks table and
+    ``run.json`` always cover every tomogram of the run.
     """
     t0 = time.perf_counter()
     started = connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
@@ -395,7 +397,7 @@ def run_on_ray(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: 
         log.warning("the actor pools and tasks ask for more CPUs than the cluster has now (%g); unless it "
                     "autoscales, tasks will wait for CPUs the actors hold: lower ray.*.num_cpus", cluster_cpus)
     try:
-        summary = _run(tomogram_specs, prompts_path, out_dir, cfg, fail_fast, progress)
+        summary = _run(tomogram_specs, prompts_path, out_dir, cfg, fail_fast, progress, incremental)
     finally:
         if started:
             ray.shutdown()
@@ -403,7 +405,7 @@ def run_on_ray(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: 
     return summary
 
 
-def _run(specs, prompts_path, out_dir, cfg, fail_fast, progress) -> RunSummary:
+def _run(specs, prompts_path, out_dir, cfg, fail_fast, progress, incremental) -> RunSummary:
     out_dir = str(out_dir).rstrip("/")
     run = _RayRun(cfg, out_dir, fail_fast, progress)
     with fsspec.open(prompts_path, "rb") as handle:
@@ -421,11 +423,14 @@ def _run(specs, prompts_path, out_dir, cfg, fail_fast, progress) -> RunSummary:
                                             "error": str(exc), "rows": []}
     points = read_prompts(prompts_path, voxel_size_a={n: t.voxel_size_a for n, t in headers.items()})
     by_tomo = _group_prompts(points, headers, prompts_path)
-    todo = []
+    todo, new = [], []
     for name, tomo in headers.items():
         signature = result_signature(cfg, digest, input_fingerprint(tomo.url, cfg))
         previous = read_record(out_dir, name)
-        if previous and previous.get("status") == "done" and previous.get("signature") == signature:
+        if previous is None:
+            new.append(name)
+        finished = previous is not None and previous.get("status") == "done"
+        if finished and (incremental or previous.get("signature") == signature):
             outcomes[name] = {**previous, "status": "skipped"}  # done by an earlier run with the same inputs
             continue
         record = {"name": name, "url": tomo.url, "signature": signature}
@@ -455,9 +460,19 @@ def _run(specs, prompts_path, out_dir, cfg, fail_fast, progress) -> RunSummary:
     classes = sorted(run.queries) if run.queries else sorted({p.cls for p in points})
     summary = RunSummary([_outcome(o) for o in outcomes.values()], dict(run.times))
     summary.files = write_run_outputs_from_rows(out_dir, summary, [o.get("rows", []) for o in outcomes.values()],
-                                                cfg, classes, extra={"executor": "ray", "resources": _resources(),
-                                                                     "work": dict(run.counts)})
+                                                cfg, classes, extra={
+                                                    "executor": "ray", "incremental": incremental,
+                                                    "resources": _resources(), "work": dict(run.counts),
+                                                    "tomogram_sets": _sets(outcomes, new)})
     return summary
+
+
+def _sets(outcomes: dict[str, dict], new: list[str]) -> dict[str, list[str]]:
+    """Which tomograms were new to the output folder, and which were done, skipped or failed."""
+    sets = {"new": sorted(new), "done": [], "skipped": [], "failed": []}
+    for name, record in sorted(outcomes.items()):
+        sets[record["status"]].append(name)
+    return sets
 
 
 def _outcome(record: dict) -> TomogramOutcome:

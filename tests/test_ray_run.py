@@ -197,3 +197,23 @@ def test_local_resources_are_scaled_to_fit_and_clusters_left_alone():
     r = fitted.ray
     assert r.encoders.num_cpus + r.segmenters.num_cpus + 2 * r.task_cpus == pytest.approx(2)
     assert fit_to_local_cpus(cfg, 16) is cfg
+
+
+def test_incremental_runs_over_a_growing_folder(cluster, dataset, tmp_path):
+    root, data = dataset
+    incoming, out = tmp_path / "incoming", tmp_path / "nightly"
+    incoming.mkdir()
+    shutil.copy(data / "synth_000.mrc", incoming)
+    assert _run(incoming, root / "prompts.csv", out, "--incremental") == 0
+    first = _manifest(out)["tomogram_sets"]
+    assert first == {"new": ["synth_000"], "done": ["synth_000"], "skipped": [], "failed": []}
+
+    shutil.copy(data / "synth_001.mrc", incoming)  # the next day's data arrives
+    assert _run(incoming, root / "prompts.csv", out, "--incremental", "--set", "matching.top_k=256") == 0
+    manifest = _manifest(out)
+    # a changed setting does not redo finished tomograms in incremental mode; only the new one runs
+    assert manifest["tomogram_sets"] == {"new": ["synth_001"], "done": ["synth_001"], "skipped": ["synth_000"],
+                                         "failed": []}
+    assert manifest["incremental"] is True
+    picks = read_picks(str(out / "picks.parquet"))
+    assert set(picks.column("tomogram").to_pylist()) == {"synth_000", "synth_001"}
