@@ -15,13 +15,17 @@ class ConfigError(CryoSamError, ValueError):
     """A config file or flag is invalid (message names the key and what was expected)."""
 
 
-class TomogramError(CryoSamError):
-    """A tomogram cannot be used. ``path`` names the file; the message says why."""
+class _SourceError(CryoSamError):
+    """An error about one named input: the message is ``<path>: <reason>``."""
 
     def __init__(self, path: str, reason: str):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class TomogramError(_SourceError):
+    """A tomogram cannot be used. ``path`` names the file; the message says why."""
 
 
 class TomogramNotFoundError(TomogramError, FileNotFoundError):
@@ -44,22 +48,16 @@ class BadVoxelSizeError(TomogramError, ValueError):
     """The header's voxel size is 0, negative or not finite, and none was given."""
 
 
-class TableError(CryoSamError, ValueError):
+class TableError(_SourceError, ValueError):
     """A table (prompts, picks, truth, STAR, copick) is malformed; names the file and the problem."""
 
-    def __init__(self, path: str, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
-
-class WeightsError(CryoSamError):
+class WeightsError(_SourceError):
     """Model weights cannot be found, fetched or loaded; names the source and the reason."""
 
-    def __init__(self, source: str, reason: str):
-        self.source = str(source)
-        self.reason = reason
-        super().__init__(f"{self.source}: {reason}")
+    @property
+    def source(self) -> str:
+        return self.path
 
 
 class PromptError(CryoSamError, ValueError):

@@ -19,7 +19,7 @@ from cryosam_ray.cli import main  # noqa: E402
 from cryosam_ray.synth import SynthSettings, write_dataset  # noqa: E402
 from cryosam_ray.tables import read_picks  # noqa: E402
 
-from tiny_models import save_tiny_dinov2, save_tiny_sam  # noqa: E402
+from tiny_models import save_tiny_dinov2, save_tiny_sam, write_blob_tomogram  # noqa: E402
 
 # F1 of the ribosome class, one prompt, two 64x128x128 tomograms at SNR 0.5, weight-free
 # backends on Ray; reached when written: 1.0 (17 of 17, no false pick), as in process.
@@ -159,13 +159,7 @@ def test_s3_input_and_output(cluster, dataset, s3_bucket):
 
 
 def test_tiny_dinov2_and_sam_on_ray(cluster, tmp_path):
-    rng = np.random.default_rng(0)
-    volume = rng.normal(size=(12, 40, 48)).astype(np.float32)
-    zz, yy, xx = np.indices(volume.shape)
-    volume -= 3.0 * (((zz - 6) ** 2 + (yy - 20) ** 2 + (xx - 24) ** 2) < 16)
-    from cryosam_ray.tomo_io import write_mrc
-
-    write_mrc(tmp_path / "TS_01.mrc", volume, 12.0)
+    write_blob_tomogram(tmp_path / "TS_01.mrc")
     (tmp_path / "prompts.csv").write_text("tomogram,z,y,x,class\nTS_01,6,20,24,blob\n")
     sam, dinov2 = save_tiny_sam(tmp_path / "sam.pth"), save_tiny_dinov2(tmp_path / "dinov2")
     out = tmp_path / "out"

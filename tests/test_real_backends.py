@@ -13,9 +13,9 @@ import pytest
 
 from cryosam_ray.cli import main
 from cryosam_ray.tables import PICK_COLUMNS, read_picks
-from cryosam_ray.tomo_io import read_mrc, write_mrc
+from cryosam_ray.tomo_io import read_mrc
 
-from tiny_models import save_tiny_dinov2, save_tiny_sam
+from tiny_models import save_tiny_dinov2, save_tiny_sam, write_blob_tomogram
 
 
 @pytest.fixture(autouse=True)
@@ -26,11 +26,7 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    volume = rng.normal(size=(12, 40, 48)).astype(np.float32)
-    zz, yy, xx = np.indices(volume.shape)
-    volume -= 3.0 * (((zz - 6) ** 2 + (yy - 20) ** 2 + (xx - 24) ** 2) < 16)
-    write_mrc(root / "TS_01.mrc", volume, 12.0)
+    write_blob_tomogram(root / "TS_01.mrc")
     (root / "prompts.csv").write_text("tomogram,z,y,x,class\nTS_01,6,20,24,blob\nTS_01,3,8,9,blob\n")
     return root, save_tiny_sam(root / "sam_vit_tiny.pth"), save_tiny_dinov2(root / "dinov2_tiny")
 

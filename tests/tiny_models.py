@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
 from cryosam_ray.segmenters.sam import build_sam
+from cryosam_ray.tomo_io import write_mrc
+
+
+def write_blob_tomogram(path: Path) -> str:
+    """A (12, 40, 48) noise tomogram with one dark ball at (6, 20, 24), 12 A voxels: tiny-model runs."""
+    volume = np.random.default_rng(0).normal(size=(12, 40, 48)).astype(np.float32)
+    zz, yy, xx = np.indices(volume.shape)
+    volume -= 3.0 * (((zz - 6) ** 2 + (yy - 20) ** 2 + (xx - 24) ** 2) < 16)
+    return write_mrc(path, volume, 12.0)
 
 
 def save_tiny_sam(path: Path, seed: int = 0) -> str:
