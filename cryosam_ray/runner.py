@@ -24,6 +24,7 @@ from cryosam_ray.pipeline import (TomogramOutcome, build_queries, find_particles
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_bytes_atomic, write_picks, write_star
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, is_remote, open_tomogram
+from cryosam_ray.workers import write_preview_for
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, c
                 outcome.proposals[cls] = len(proposals)
             outcome.particles = resolve_classes(particles, tomo.shape, overlap=cfg.instances.overlap)
             t = time.perf_counter()
-            outcome.files = write_tomogram_outputs(out_dir, tomo, particles, classes)
+            outcome.files = write_tomogram_outputs(out_dir, tomo, outcome.particles, classes)
+            outcome.files += write_preview_for(out_dir, tomo, outcome.particles, particle_rows(tomo, outcome.particles))
             timer.add("write", t)
             volumes.pop(name, None)  # bounded memory: one tomogram's features at a time
         except CryoSamError as exc:

@@ -68,6 +68,7 @@ def test_run_writes_every_output(dataset, run_dir):
         assert set(np.unique(labels)) - {0} == set(ids.column("instance_id").to_pylist())
         assert voxel == 10.0 and set(np.unique(semantic)) == {0, 1}
         assert np.array_equal(labels > 0, semantic > 0)
+        assert (run_dir / "previews" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_corrupt_tomogram_is_recorded_and_the_others_finish(run_dir):
