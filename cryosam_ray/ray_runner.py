@@ -353,7 +353,9 @@ class _RayRun:
         queue = deque(order)
         active = 0
         limit = self.cfg.ray.max_inflight_tomograms
-        while queue or self.pending:
+        # Shards wait in their own queue: the loop goes on while any remain, even when nothing is
+        # in flight (a tomogram's last pending call may be the one that queued them).
+        while queue or self.pending or self.shard_queue:
             while queue and (active < limit or queue[0].name in self.waiting_parts):
                 self.admit(queue.popleft())
                 active += 1
@@ -377,6 +379,14 @@ class _RayRun:
                 t._closed = True
                 active -= 1
         self.progress.close()
+        for t in self.tomos.values():  # a scheduling gap must not pass for success, nor lose the others
+            if "status" not in t.record:
+                state = {k: getattr(t, k) for k in ("encoded", "shards", "embedded", "prompts_sent", "prompts_done",
+                                                     "parts_sent", "matched")}
+                log.error("%s: the scheduler stopped before it finished (%s; queries %s; %d shards queued)",
+                          t.name, state, self.queries is not None, len(self.shard_queue))
+                self.on_failure(t.name, RuntimeError(f"internal: the run stopped before this tomogram finished "
+                                                     f"({state})"))
 
 
 def run_on_ray(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *,
