@@ -194,7 +194,6 @@ def naive_match(volume: FeatureVolume, query_vec: np.ndarray, *, tau_sim: float 
     q = q / np.linalg.norm(q)
     d, h, w = volume.shape
     per_chunk = max(1, max_bytes // (3 * volume.channels * 4 * h * w))
-    peaks, peak_sims = [], []
     sims = np.zeros(volume.shape, np.float32)
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     for z0 in range(0, d, per_chunk):

@@ -178,7 +178,8 @@ def match_tomogram(group_url: str, queries: dict[str, ClassQuery], cfg: CryoSamC
             out[cls] = naive_match(volume, q.vector, tau_sim=m.tau_sim, nms_radius=m.nms_radius or q.radius,
                                    top_k=m.top_k)
         return out
-    field = SimilarityField(volume.load(), [queries[c].vector for c in classes])  # one pass for all classes
+    # One streamed pass over the stored maps for all classes; never the whole store in memory at once.
+    field = SimilarityField(volume, [queries[c].vector for c in classes])
     for index, cls in enumerate(classes):
         out[cls] = hierarchical_match(field, query=index, ratios=m.ratios, tau_sim=m.tau_sim, dilate=m.dilate,
                                       nms_radius=m.nms_radius or queries[cls].radius, top_k=m.top_k)
