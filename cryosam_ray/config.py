@@ -39,11 +39,16 @@ class SynthConfig(_Section):
 
     n: int = Field(2, ge=1, description="Number of tomograms.")
     seed: int = Field(0, description="Random seed; the same seed gives identical files.")
+    prompts_per_class: int = Field(1, ge=1, description="Rows per class in prompts.csv: the first N particles "
+                                   "of each class in the dataset.")
     shape: tuple[int, int, int] = Field((96, 192, 192), description="D H W in voxels (ZYX).")
     voxel_size_a: float = Field(10.0, gt=0, description="Voxel size in Angstrom.")
     classes: tuple[str, ...] = Field(("ribosome", "atpase", "hsp60"), min_length=1,
-                                     description="Particle classes to place.")
+                                     description="Particle classes to place, distinct: ribosome, atpase, hsp60, "
+                                     "ball (sphere 90 A across), rod (filament 70 A across, 320 A long).")
     particles_per_class: int = Field(12, ge=0, description="Particles attempted per class and tomogram.")
+    crowding: float = Field(0.0, ge=0, le=1, description="Fraction of particles placed touching an earlier one "
+                            "(label masks 1 voxel apart, never overlapping); 0: all packed with a free margin.")
     membranes: int = Field(1, ge=0, description="Curved lipid bilayers per tomogram.")
     gold_beads: int = Field(3, ge=0, description="Very dense fiducial-like beads per tomogram.")
     snr: float = Field(0.3, gt=0, description="Signal variance over noise variance.")
@@ -58,6 +63,18 @@ class SynthConfig(_Section):
         if min(shape) < 16:
             raise ValueError(f"every side must be >= 16 voxels, got {shape}")
         return shape
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, classes):
+        from cryosam_ray.synth_shapes import CLASSES  # here: loading a config needs no scipy otherwise
+
+        unknown = [c for c in classes if c not in CLASSES]
+        if unknown:
+            raise ValueError(f"unknown class {unknown[0]!r}; expected distinct names from {', '.join(CLASSES)}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes must be distinct names from {', '.join(CLASSES)}")
+        return classes
 
 
 class EvaluateConfig(_Section):

@@ -1,10 +1,12 @@
 """Realistic synthetic cryo-ET tomograms with ground truth, deterministic for a seed.
 
-A scene of particles (ribosome, ATP synthase dimer, HSP60 barrel) at uniformly random 3D
-orientations, packed without overlap, plus curved lipid bilayers and very dense gold beads, is
-imaged like a tilt series: a missing wedge (tilt about y, beam along z), a CTF-like band-pass
-and white Gaussian noise at a given SNR. Particles come from real density maps in
-``../shared/data`` when that folder exists, otherwise from built-in shapes of the right size.
+A scene of particles (ribosome, ATP synthase dimer, HSP60 barrel; optionally a small ball and
+a short rod) at uniformly random 3D orientations, packed without overlap or, with
+``crowding``, partly touching one another, plus curved lipid bilayers and very dense gold
+beads, is imaged like a tilt series: a missing wedge (tilt about y, beam along z), a CTF-like
+band-pass and white Gaussian noise at a given SNR. Particles come from real density maps in
+``../shared/data`` when that folder exists, otherwise from built-in shapes of the right size
+(``cryosam_ray.synth_shapes``).
 
 Arrays are ZYX: ``volume[z, y, x]``, coordinates in voxels. Labels hold one id per particle
 (membranes and beads are background), matching ``truth[i]["instance_id"]``.
@@ -15,38 +17,30 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import zlib
+import numbers
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import scipy.fft
-from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
-from scipy.special import erfc
 
 from cryosam_ray.errors import ConfigError
+from cryosam_ray.synth_shapes import (CLASSES, DATA_DIR_ENV, LEAFLET_SEPARATION_A,  # noqa: F401 (re-exported)
+                                      LEAFLET_SIGMA_A, Template, class_templates, rasterise, render_beads,
+                                      render_membranes, render_particle, resolve_data_dir, stamp)
 from cryosam_ray.tomo_io import write_mrc
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("ribosome", "atpase", "hsp60")
+DEFAULT_CLASSES = ("ribosome", "atpase", "hsp60")  # CLASSES (all names) adds "ball" and "rod"
 POLARITIES = ("raw", "inverted")
 TRUTH_COLUMNS = ("tomogram", "class", "instance_id", "z", "y", "x", "radius", "voxel_size_a")
-MAP_FILES = {"ribosome": "ribosome70S_empiar10499_12A.mrc", "atpase": "atpase_chlamy_7.84A.mrc",
-             "hsp60": "hsp60_chlamy.mrc"}
-DATA_DIR_ENV = "CRYOSAM_DATA_DIR"
-_DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROMPT_COLUMNS = ("tomogram", "z", "y", "x", "class")
 
-_LABEL_LEVEL = 0.35  # label = rendered density above this (protein ~ 1.0)
 _PACK_MARGIN = 2.0  # voxels between bounding spheres, and between a sphere and the volume edge
-_MEMBRANE_DENSITY = 0.8
-_LEAFLET_SEPARATION_A = 40.0
-_LEAFLET_SIGMA_A = 7.0
-_BEAD_DENSITY = 8.0  # gold: far denser than protein, an outlier for intensity normalisers
+_TOUCH_TRIES = 32  # anchor and direction draws for a touching particle before packing it freely
+_NEIGHBOURS = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)  # 3x3x3
 _BEAD_RADIUS_VOX = (3.0, 4.0)
 _WAVELENGTH_A = 0.0197  # electrons at 300 kV
 
@@ -58,7 +52,9 @@ class SynthSettings:
     Attributes:
         shape: (D, H, W) = (nz, ny, nx) voxels, each side >= 16.
         voxel_size_a: voxel size in Angstrom; particles are rendered at their physical size.
-        classes: particle classes, from ``CLASSES``.
+        classes: particle classes, distinct names from ``CLASSES``: "ribosome" (70S, ~260 A),
+            "atpase" (ATP synthase dimer, ~270 A), "hsp60" (barrel, 140 x 150 A), "ball" (solid
+            sphere 90 A across) and "rod" (filament segment 70 A across, 320 A long).
         particles_per_class: attempted per class; fewer are placed when packing fails (logged).
         membranes: curved lipid bilayers crossing the volume.
         gold_beads: small, very dense spheres (fiducials).
@@ -67,11 +63,15 @@ class SynthSettings:
         polarity: "raw" (dense is dark, as reconstructed) or "inverted" (dense is bright).
         use_real_maps: render particles from the real density maps when they can be found.
         data_dir: folder with the maps; default ``$CRYOSAM_DATA_DIR``, else ``<repo>/../shared/data``.
+        crowding: in [0, 1], the fraction of particles placed touching an earlier-placed one (as
+            in crowded cytoplasm): label masks 1 voxel apart (adjacent voxels, 26-neighbourhood),
+            never overlapping, no particle covering a neighbour's truth centre. 0 packs every
+            particle with a free margin (bounding spheres >= 2 voxels apart), as before.
     """
 
     shape: tuple[int, int, int] = (96, 192, 192)
     voxel_size_a: float = 10.0
-    classes: tuple[str, ...] = CLASSES
+    classes: tuple[str, ...] = DEFAULT_CLASSES
     particles_per_class: int = 12
     membranes: int = 1
     gold_beads: int = 3
@@ -80,6 +80,7 @@ class SynthSettings:
     polarity: str = "raw"
     use_real_maps: bool = True
     data_dir: str | None = None
+    crowding: float = 0.0
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -103,6 +104,9 @@ class SynthSettings:
             raise ConfigError(f"tilt_range must be in (0, 90] degrees; got {self.tilt_range}")
         if self.polarity not in POLARITIES:
             raise ConfigError(f"polarity must be one of {POLARITIES}; got {self.polarity!r}")
+        if not (isinstance(self.crowding, numbers.Real) and 0 <= self.crowding <= 1):
+            raise ConfigError(f"crowding must be a fraction in [0, 1] (of particles placed touching an "
+                              f"earlier one); got {self.crowding!r}")
 
 
 @dataclass
@@ -127,60 +131,65 @@ class SynthTomogram:
     beads: list[dict] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Template:
-    """A class at one voxel size: density (protein ~1), centre (template voxels, ZYX) and the
-    bounding radius of its label mask about that centre, plus a margin for interpolation."""
-
-    density: np.ndarray
-    centre: np.ndarray
-    radius: float
-
-
 def synthesize(settings: SynthSettings, *, seed: int, name: str = "synth_000") -> SynthTomogram:
     """Build one synthetic tomogram. Same settings and seed give a bit-identical result.
 
     The scene is drawn from one random stream and the noise from another, so changing only
-    ``snr`` keeps the scene and the noise pattern (just rescaled).
+    ``snr`` keeps the scene and the noise pattern (just rescaled). With ``crowding`` > 0 a third
+    stream places the touching particles; with 0 it is not used, so the scene is as it always was.
 
     Raises:
         ConfigError: a negative seed, or ``data_dir`` given but not a folder.
     """
     if int(seed) < 0:
         raise ConfigError(f"seed must be >= 0; got {seed}")
-    scene_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
-    templates = _templates(settings)
+    # the first two children of spawn(3) are those of spawn(2): the third stream changes nothing else
+    scene_rng, noise_rng, crowd_rng = (np.random.default_rng(s)
+                                       for s in np.random.SeedSequence(int(seed)).spawn(3))
+    templates = class_templates(settings)
     membranes = _draw_membranes(settings, scene_rng)
-    placed, beads = _place(settings, templates, membranes, scene_rng)
     signal = np.zeros(settings.shape, np.float32)
     labels = np.zeros(settings.shape, np.int32)
-    truth = []
-    for instance_id, (cls, centre) in enumerate(placed, start=1):
-        # a normalised Gaussian 4-vector is a uniformly random rotation (any scipy version)
-        rotation = Rotation.from_quat(scene_rng.standard_normal(4)).as_matrix()
-        _render_particle(signal, labels, templates[cls], centre, rotation, instance_id)
-        truth.append(dict(zip(TRUTH_COLUMNS, (name, cls, instance_id, *np.round(centre, 3).tolist(),
-                                              round(templates[cls].radius, 3), settings.voxel_size_a))))
-    _render_membranes(signal, membranes, settings.voxel_size_a)
-    _render_beads(signal, beads)
+    centres, radii = [], []  # bounding spheres of everything placed, for packing
+    if settings.crowding > 0:  # rendered as they are placed: touching needs the earlier masks
+        placed = _place_crowded(settings, templates, membranes, (scene_rng, crowd_rng), centres, radii,
+                                signal, labels)
+        beads = _place_beads(settings, membranes, scene_rng, centres, radii)
+    else:
+        placed = _place_particles(settings, templates, membranes, scene_rng, centres, radii)
+        beads = _place_beads(settings, membranes, scene_rng, centres, radii)
+        for instance_id, (cls, centre) in enumerate(placed, start=1):
+            render_particle(signal, labels, templates[cls], centre, _random_rotation(scene_rng), instance_id)
+    truth = [dict(zip(TRUTH_COLUMNS, (name, cls, instance_id, *np.round(centre, 3).tolist(),
+                                      round(templates[cls].radius, 3), settings.voxel_size_a)))
+             for instance_id, (cls, centre) in enumerate(placed, start=1)]
+    render_membranes(signal, membranes, settings.voxel_size_a)
+    render_beads(signal, beads)
     volume = _image(signal, settings, noise_rng)
     spheres = [[{**dict(zip("zyx", np.round(c, 3).tolist())), "radius": round(r, 3)} for c, r in group]
                for group in (membranes, beads)]
     return SynthTomogram(name, volume, labels, truth, membranes=spheres[0], beads=spheres[1])
 
 
-def write_dataset(out_dir: str, *, n: int = 2, seed: int = 0,
-                  settings: SynthSettings = SynthSettings()) -> list[str]:
+def write_dataset(out_dir: str, *, n: int = 2, seed: int = 0, settings: SynthSettings = SynthSettings(),
+                  prompts_per_class: int = 1) -> list[str]:
     """Write ``n`` tomograms ``synth_000 ...`` with labels and one ``truth.csv`` into ``out_dir``.
 
-    Files: ``<name>.mrc`` (float32 tomogram), ``<name>_labels.mrc`` (instance ids),
+    Files: ``<name>.mrc`` (float32 tomogram, ZYX), ``<name>_labels.mrc`` (int32 instance ids),
     ``truth.csv`` (``TRUTH_COLUMNS``, every particle of every tomogram) and ``prompts.csv``
-    (one point prompt per class: the first particle of that class in the dataset, as a user
-    would click it, for trying the pipeline). Tomogram ``i`` uses a seed derived from
+    (``PROMPT_COLUMNS``, voxels: point prompts as a user would click them, the first
+    ``prompts_per_class`` particles of each class in the dataset, in truth order, grouped by
+    class; fewer where a class has fewer particles). Tomogram ``i`` uses a seed derived from
     ``(seed, i)``. Returns the tomogram MRC paths (not the label files).
+
+    Raises:
+        ConfigError: ``n`` < 0 or ``prompts_per_class`` < 1 (nothing is written), or as ``synthesize``.
     """
     if n < 0:
         raise ConfigError(f"n must be >= 0 tomograms; got {n}")
+    if isinstance(prompts_per_class, bool) or not isinstance(prompts_per_class, numbers.Integral) \
+            or prompts_per_class < 1:
+        raise ConfigError(f"prompts_per_class must be an integer >= 1; got {prompts_per_class!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, rows = [], []
@@ -195,13 +204,14 @@ def write_dataset(out_dir: str, *, n: int = 2, seed: int = 0,
         writer = csv.DictWriter(fh, fieldnames=TRUTH_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    first_of_class = {}
+    by_class: dict[str, list[dict]] = {}
     for row in rows:
-        first_of_class.setdefault(row["class"], row)
+        by_class.setdefault(row["class"], []).append(row)
     with open(out / "prompts.csv", "w", newline="") as fh:  # written last: the dataset is complete
-        writer = csv.DictWriter(fh, fieldnames=("tomogram", "z", "y", "x", "class"), extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=PROMPT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(first_of_class.values())
+        for class_rows in by_class.values():
+            writer.writerows(class_rows[:prompts_per_class])
     return [str(p) for p in paths]
 
 
@@ -276,127 +286,6 @@ def _image(signal: np.ndarray, settings: SynthSettings, rng: np.random.Generator
     return volume
 
 
-# ---------------------------------------------------------------- particle templates
-
-def resolve_data_dir(settings: SynthSettings) -> Path | None:
-    """The maps folder: ``settings.data_dir`` (must exist), else ``$CRYOSAM_DATA_DIR``, else
-    ``<repo>/../shared/data``; None (built-in shapes) when not wanted or not there."""
-    if not settings.use_real_maps:
-        return None
-    if settings.data_dir is not None:
-        path = Path(settings.data_dir)
-        if not path.is_dir():
-            raise ConfigError(f"data_dir {path} is not a folder; expected one holding {sorted(MAP_FILES.values())}")
-        return path
-    path = Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else _DEFAULT_DATA_DIR
-    if path.is_dir():
-        return path
-    log.info("no density maps at %s: using built-in particle shapes", path)
-    return None
-
-
-def _templates(settings: SynthSettings) -> dict[str, _Template]:
-    data_dir, out = resolve_data_dir(settings), {}
-    for cls in settings.classes:
-        map_path = data_dir / MAP_FILES[cls] if data_dir is not None else None
-        if map_path is not None and not map_path.is_file():
-            log.warning("%s missing: rendering %s from its built-in shape", map_path, cls)
-            map_path = None
-        out[cls] = _template(cls, float(settings.voxel_size_a), map_path and str(map_path))
-    return out
-
-
-@lru_cache(maxsize=32)
-def _template(cls: str, voxel_size_a: float, map_path: str | None) -> _Template:
-    density = _real_density(map_path, voxel_size_a) if map_path else _builtin_density(cls, voxel_size_a)
-    mask = _largest_component(density > _LABEL_LEVEL)
-    centre = _inside_centre(density, mask)
-    radius = float(np.sqrt(((np.argwhere(mask) - centre) ** 2).sum(axis=1).max())) + 1.0  # +1: interpolation
-    density.setflags(write=False)  # shared by every tomogram through the cache
-    log.debug("%s template from %s: radius %.1f voxels", cls, map_path or "built-in shape", radius)
-    return _Template(density, centre, radius)
-
-
-def _inside_centre(density: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The centre of mass, or the nearest mask voxel when it falls in a gap (a V-shaped dimer),
-    so that a particle's truth coordinate always lies on the particle."""
-    centre = np.array(ndi.center_of_mass(density))
-    nearest = tuple(np.round(centre).astype(int))
-    if mask[nearest]:
-        return centre
-    _, indices = ndi.distance_transform_edt(~mask, return_indices=True)
-    return indices[(slice(None), *nearest)].astype(float)
-
-
-def _real_density(map_path: str, voxel_size_a: float) -> np.ndarray:
-    """A "dense = bright" map resampled to ``voxel_size_a``, dust removed, protein scaled to ~1."""
-    with mrcfile.open(map_path, permissive=True) as mrc:
-        data = np.asarray(mrc.data, dtype=np.float32)
-        source_a = float(mrc.voxel_size.x)
-    factor = source_a / voxel_size_a
-    if factor < 1:  # anti-alias before shrinking
-        data = ndi.gaussian_filter(data, 0.4 / factor)
-    data = ndi.zoom(data, factor, order=1)
-    data = np.pad(data, 2)
-    # a soft threshold (subtract, clip) removes solvent noise without a hard step at the edge
-    data = np.clip(data - 0.15 * data.max(), 0, None)
-    data *= ndi.binary_dilation(_largest_component(data > 0.1 * data.max()), iterations=2)
-    return (data / np.median(data[data > 0.2 * data.max()])).astype(np.float32)
-
-
-def _builtin_density(cls: str, voxel_size_a: float) -> np.ndarray:
-    """Blurred binary shape of ``cls`` with mild internal texture, protein ~1.0."""
-    half = int(math.ceil(170.0 / voxel_size_a)) + 3
-    z, y, x = (np.arange(-half, half + 1, dtype=np.float32) * np.float32(voxel_size_a) for _ in range(3))
-    z, y, x = z[:, None, None], y[None, :, None], x[None, None, :]
-    shape = {"ribosome": _ribosome, "atpase": _atpase, "hsp60": _hsp60}[cls](z, y, x)
-    density = ndi.gaussian_filter(shape.astype(np.float32), 0.7)
-    rng = np.random.default_rng(zlib.crc32(cls.encode()))  # fixed texture per class
-    texture = ndi.gaussian_filter(rng.standard_normal(density.shape).astype(np.float32), 1.0)
-    return density * (1 + 0.15 * texture / texture.std())
-
-
-def _ribosome(z, y, x):
-    """70S-like: large subunit (sphere r 105 A) and a flattened small subunit on top, ~260 A long."""
-    large = z * z + y * y + (x + 10) ** 2 <= 105.0**2
-    small = ((z - 115) / 40.0) ** 2 + ((y - 15) / 75.0) ** 2 + ((x + 10) / 62.0) ** 2 <= 1
-    return large | small
-
-
-def _atpase(z, y, x):
-    """ATP synthase dimer: two (membrane disc, stalk, F1 head) monomers at 70 deg, ~270 A wide."""
-    z = z + 60  # heads point up; centre the dimer in the box
-    out = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), bool)
-    for side in (-1, 1):
-        tilt = math.radians(35) * side
-        u = np.array([math.cos(tilt), 0.0, math.sin(tilt)])  # monomer axis (z, y, x)
-        bz, bx = z, x - 25 * side  # monomer base
-        along = bz * u[0] + bx * u[2]
-        across = np.sqrt(np.maximum(bz * bz + y * y + bx * bx - along * along, 0))
-        out |= (np.abs(along) <= 15) & (across <= 40)  # membrane part
-        out |= (along >= 0) & (along <= 65) & (across <= 22)  # stalk
-        out |= (along - 110) ** 2 + across**2 <= 50.0**2  # F1 head
-    # peripheral stalks and dimer-specific subunits fill the foot of the V
-    return out | ((z - 35) ** 2 / 40.0**2 + y * y / 30.0**2 + x * x / 45.0**2 <= 1)
-
-
-def _hsp60(z, y, x):
-    """Chaperonin double ring: 7-fold barrel, 140 A wide, 150 A tall, closed at the equator."""
-    rho = np.sqrt(y * y + x * x)
-    outer = 67 + 4 * np.cos(7 * np.arctan2(y, x))
-    barrel = (np.abs(z) <= 75) & (rho <= outer) & (rho >= 26)
-    groove = (np.abs(z) <= 5) & (rho > 58)  # between the two rings
-    septum = (np.abs(z) <= 8) & (rho < 26)  # equatorial domains separate the two cavities
-    return (barrel & ~groove) | septum
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labelled, count = ndi.label(mask)
-    if count <= 1:
-        return labelled > 0
-    return labelled == 1 + int(np.bincount(labelled.ravel())[1:].argmax())
-
-
 # ---------------------------------------------------------------- scene
 
 def _draw_membranes(settings: SynthSettings, rng: np.random.Generator) -> list[tuple[np.ndarray, float]]:
@@ -420,19 +309,15 @@ def _pack(settings, radii_new, membranes, rng, centres: list, radii: list) -> li
     inside the volume and clear of earlier spheres (``centres``, ``radii``, extended in place)
     and of membranes by ``_PACK_MARGIN``. Up to 4096 candidates per sphere, in batches."""
     shape = np.array(settings.shape, float)
-    half_width = (_LEAFLET_SEPARATION_A / 2 + 2 * _LEAFLET_SIGMA_A) / settings.voxel_size_a
     spots = []
     for radius in radii_new:
         low, high, spot = radius + _PACK_MARGIN, shape - 1 - radius - _PACK_MARGIN, None
         for _ in range(16 if np.all(high >= low) else 0):
             cand = rng.uniform(low, high, size=(256, 3))
-            ok = np.ones(len(cand), bool)
+            ok = _clear_of_membranes(settings, cand, radius, membranes)
             if centres:
                 dist = np.linalg.norm(cand[:, None, :] - np.asarray(centres)[None], axis=-1)
                 ok &= (dist >= radius + np.asarray(radii)[None] + _PACK_MARGIN).all(axis=1)
-            for centre, sphere_r in membranes:
-                gap = np.abs(np.linalg.norm(cand - centre, axis=1) - sphere_r)
-                ok &= gap >= radius + half_width + _PACK_MARGIN
             if ok.any():
                 spot = cand[int(ok.argmax())]
                 centres.append(spot)
@@ -442,66 +327,128 @@ def _pack(settings, radii_new, membranes, rng, centres: list, radii: list) -> li
     return spots
 
 
-def _place(settings, templates, membranes, rng):
-    """Particles, largest class first (fewer packing failures), then gold beads clear of them.
-    Returns [(class, centre)] and [(bead centre, bead radius)], ZYX voxels."""
-    order = sorted((c for c in settings.classes for _ in range(settings.particles_per_class)),
-                   key=lambda c: -templates[c].radius)
-    centres, radii = [], []
+def _clear_of_membranes(settings, cand: np.ndarray, radius: float, membranes) -> np.ndarray:
+    """(N,) bool: spheres of ``radius`` at ``cand`` (N, 3) keep ``_PACK_MARGIN`` from every bilayer."""
+    half_width = (LEAFLET_SEPARATION_A / 2 + 2 * LEAFLET_SIGMA_A) / settings.voxel_size_a
+    ok = np.ones(len(cand), bool)
+    for centre, sphere_r in membranes:
+        gap = np.abs(np.linalg.norm(cand - centre, axis=1) - sphere_r)
+        ok &= gap >= radius + half_width + _PACK_MARGIN
+    return ok
+
+
+def _order(settings, templates) -> list[str]:
+    """The particles to place, one class name each, largest class first (fewer packing failures)."""
+    return sorted((c for c in settings.classes for _ in range(settings.particles_per_class)),
+                  key=lambda c: -templates[c].radius)
+
+
+def _place_particles(settings, templates, membranes, rng, centres, radii) -> list[tuple[str, np.ndarray]]:
+    """Every particle packed with a free margin. Returns [(class, centre)], centres ZYX voxels."""
+    order = _order(settings, templates)
     spots = _pack(settings, [templates[c].radius for c in order], membranes, rng, centres, radii)
+    _log_missed(settings, order, spots)
+    return [(c, spot) for c, spot in zip(order, spots) if spot is not None]
+
+
+def _place_crowded(settings, templates, membranes, rngs, centres, radii, signal, labels):
+    """As ``_place_particles``, but ``round(crowding * n)`` particles (never the first) are put
+    touching an earlier one (``_touching_spot``; packed freely when no contact is found), and
+    each particle is rendered into ``signal`` and ``labels`` (ids from 1) as it is placed."""
+    scene_rng, rng = rngs
+    order = _order(settings, templates)
+    n_touch = min(round(settings.crowding * len(order)), max(len(order) - 1, 0))
+    touching = set((1 + rng.permutation(max(len(order) - 1, 0))[:n_touch]).tolist())
+    shape = np.array(settings.shape)
+    near = np.zeros(settings.shape, bool)  # labelled voxels and their 26 neighbours
+    reserved = np.zeros(settings.shape, bool)  # labelled voxels and the 3x3x3 about each truth centre
+    placed, spots, touched = [], [], 0
+    for k, cls in enumerate(order):
+        tmpl, rotation = templates[cls], _random_rotation(rng)
+        found = None
+        if k in touching and placed:
+            found = _touching_spot(settings, tmpl, rotation, membranes, placed, templates, near, reserved, rng)
+        if found is not None:
+            centre, low, density, mask = found
+            centres.append(centre)
+            radii.append(tmpl.radius)
+            touched += 1
+        else:
+            centre = _pack(settings, [tmpl.radius], membranes, scene_rng, centres, radii)[0]
+            if centre is not None:
+                half = int(math.ceil(tmpl.radius)) + 2
+                low = np.round(centre).astype(int) - half
+                density, mask = rasterise(tmpl, centre, rotation, low, low + 2 * half + 1)
+        spots.append(centre)
+        if centre is None:
+            continue
+        placed.append((cls, centre))
+        stamp(signal, labels, low, density, mask, len(placed))
+        voxels = np.argwhere(mask) + low  # inside the volume: the bounding sphere keeps a margin
+        near[tuple(np.clip((voxels[:, None] + _NEIGHBOURS).reshape(-1, 3), 0, shape - 1).T)] = True
+        reserved[tuple(voxels.T)] = True
+        reserved[tuple(np.clip(np.round(centre).astype(int) + _NEIGHBOURS, 0, shape - 1).T)] = True
+    _log_missed(settings, order, spots)
+    log.info("crowding %.2f: %d of %d particles touch an earlier one (%d asked)", settings.crowding,
+             touched, len(placed), n_touch)
+    return placed
+
+
+def _touching_spot(settings, tmpl: Template, rotation, membranes, placed, templates, near, reserved, rng):
+    """A place where the particle's label mask comes within one voxel (26-neighbourhood) of an
+    earlier mask without overlapping any ``reserved`` voxel, its own truth centre clear of other
+    masks, inside the volume and clear of membranes as ``_pack`` requires.
+
+    Each try walks the particle toward a random earlier one from a random direction, 0.5 voxels
+    a step, from where their bounding spheres are 1 voxel apart; the mask moves by whole voxels
+    (the rendering is shifted, not redone), at most one per axis a step, so the walk meets
+    ``near`` before it can overlap a mask. Returns (centre, box corner, density, mask), or None
+    after ``_TOUCH_TRIES`` failed tries.
+    """
+    frac = rng.random(3)  # sub-voxel part of the centre
+    half = int(math.ceil(tmpl.radius)) + 2
+    low0 = np.round(frac).astype(int) - half
+    density, mask = rasterise(tmpl, frac, rotation, low0, low0 + 2 * half + 1)
+    offsets = np.argwhere(mask) + low0
+    reach = max(tmpl.radius, float(np.abs(offsets - frac).max()))  # keeps every index inside the volume
+    lowest, highest = reach + _PACK_MARGIN, np.array(settings.shape) - 1 - reach - _PACK_MARGIN
+    for _ in range(_TOUCH_TRIES):
+        anchor_cls, anchor = placed[int(rng.integers(len(placed)))]
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        for step in np.arange(templates[anchor_cls].radius + tmpl.radius + 1, -0.25, -0.5):
+            shift = np.round(anchor + step * direction - frac).astype(int)
+            centre = frac + shift
+            if np.any(centre < lowest) or np.any(centre > highest):
+                continue
+            voxels = tuple((offsets + shift).T)
+            if not near[voxels].any():
+                continue
+            own = tuple((np.round(centre).astype(int) + _NEIGHBOURS).T)
+            if not (reserved[voxels].any() or reserved[own].any()) \
+                    and _clear_of_membranes(settings, centre[None], tmpl.radius, membranes)[0]:
+                return centre, low0 + shift, density, mask
+            break  # first contact overlaps or is out of bounds: try another anchor and direction
+    return None
+
+
+def _log_missed(settings, order, spots) -> None:
     for cls in settings.classes:
         missed = sum(spot is None for c, spot in zip(order, spots) if c == cls)
         if missed:
             log.info("placed %d of %d %s particles: no free space for the rest in shape %s",
-                        settings.particles_per_class - missed, settings.particles_per_class, cls, settings.shape)
+                     settings.particles_per_class - missed, settings.particles_per_class, cls, settings.shape)
+
+
+def _place_beads(settings, membranes, rng, centres, radii) -> list[tuple[np.ndarray, float]]:
+    """Gold beads clear of everything placed. Returns [(centre, radius)], ZYX voxels."""
     bead_radii = rng.uniform(*_BEAD_RADIUS_VOX, size=settings.gold_beads).tolist()
     bead_spots = _pack(settings, bead_radii, membranes, rng, centres, radii)
     if any(spot is None for spot in bead_spots):
         log.warning("no free space for some gold beads in shape %s", settings.shape)
-    return ([(c, spot) for c, spot in zip(order, spots) if spot is not None],
-            [(spot, r) for spot, r in zip(bead_spots, bead_radii) if spot is not None])
+    return [(spot, r) for spot, r in zip(bead_spots, bead_radii) if spot is not None]
 
 
-def _box(centre: np.ndarray, half: int, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Corners [low, high) of a box of half-size ``half`` around ``centre``, clipped to the volume."""
-    middle = np.round(centre).astype(int)
-    return np.maximum(middle - half, 0), np.minimum(middle + half + 1, shape)
-
-
-def _render_particle(signal, labels, template: _Template, centre, rotation, instance_id: int) -> None:
-    """Add the rotated template at ``centre`` to ``signal``; label its voxels above the level."""
-    low, high = _box(centre, int(math.ceil(template.radius)) + 2, signal.shape)
-    inverse = rotation.T  # output voxel p samples the template at R^T (p - centre) + template centre
-    offset = template.centre + inverse @ (low - centre)
-    density = ndi.affine_transform(template.density, inverse, offset=offset, output_shape=tuple(high - low),
-                                   order=1, prefilter=False)
-    window = tuple(slice(a, b) for a, b in zip(low, high))
-    signal[window] += density
-    # one connected region per instance, even where interpolation frays a thin part
-    labels[window][_largest_component(density > _LABEL_LEVEL)] = instance_id
-
-
-def _render_membranes(signal, membranes, voxel_size_a: float) -> None:
-    """Two Gaussian leaflets either side of each sphere surface (a lipid bilayer)."""
-    offset = _LEAFLET_SEPARATION_A / 2 / voxel_size_a
-    inv_two_var = np.float32(1 / (2 * (_LEAFLET_SIGMA_A / voxel_size_a) ** 2))
-    for centre, radius in membranes:
-        dist = _distance((0, 0, 0), signal.shape, centre) - np.float32(radius)
-        for side in (-offset, offset):
-            signal += np.float32(_MEMBRANE_DENSITY) * np.exp(-((dist - np.float32(side)) ** 2) * inv_two_var)
-
-
-def _render_beads(signal, beads) -> None:
-    """Solid spheres with a Gaussian-blurred edge (erfc profile), ``_BEAD_DENSITY`` inside."""
-    for centre, radius in beads:
-        low, high = _box(centre, int(math.ceil(radius)) + 3, signal.shape)
-        dist = _distance(low, high, centre)
-        window = tuple(slice(a, b) for a, b in zip(low, high))
-        edge = erfc((dist - radius) / np.float32(math.sqrt(2) * 0.7))  # a ball blurred by sigma 0.7
-        signal[window] += (0.5 * _BEAD_DENSITY * edge).astype(np.float32)
-
-
-def _distance(low, high, centre) -> np.ndarray:
-    """(high - low) float32 box of distances from ``centre`` (volume voxels, ZYX) to each voxel."""
-    dz, dy, dx = (np.arange(a, b, dtype=np.float32) - np.float32(c) for a, b, c in zip(low, high, centre))
-    return np.sqrt(dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2)
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """(3, 3) uniformly random rotation: a normalised Gaussian 4-vector is (any scipy version)."""
+    return Rotation.from_quat(rng.standard_normal(4)).as_matrix()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +17,17 @@ import pytest
 import scipy.fft
 from scipy import ndimage as ndi
 
-from cryosam_ray import synth
+from cryosam_ray import synth, synth_shapes
+from cryosam_ray.cli import main
+from cryosam_ray.config import load_config
+from cryosam_ray.errors import ConfigError
 from cryosam_ray.synth import SynthSettings, derive_seed, missing_wedge_mask, synthesize, write_dataset
 
 SMALL = SynthSettings(shape=(64, 128, 128), particles_per_class=4, use_real_maps=False)
-DATA_DIR = Path(os.environ.get(synth.DATA_DIR_ENV) or synth._DEFAULT_DATA_DIR)
+# the new classes and crowding: thin, small, built-in shapes only
+MIXED = SynthSettings(shape=(48, 96, 96), classes=("ribosome", "ball", "rod"), particles_per_class=4,
+                      use_real_maps=False)
+DATA_DIR = Path(os.environ.get(synth.DATA_DIR_ENV) or synth_shapes.DEFAULT_DATA_DIR)
 NOISE_FREE = 1e9  # snr at which the added noise is far below float32 precision of the signal
 
 
@@ -82,7 +90,7 @@ def test_truth_centres_and_radii_agree_with_labels(tomo):
 
 
 def test_membranes_and_beads_keep_clear_of_particles(tomo):
-    half_width = (synth._LEAFLET_SEPARATION_A / 2 + 2 * synth._LEAFLET_SIGMA_A) / SMALL.voxel_size_a
+    half_width = (synth_shapes.LEAFLET_SEPARATION_A / 2 + 2 * synth_shapes.LEAFLET_SIGMA_A) / SMALL.voxel_size_a
     for row in tomo.truth:
         centre = _centre(row)
         for bead in tomo.beads:
@@ -220,7 +228,11 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
     ({"snr": -1.0}, "snr must be > 0"),
     ({"tilt_range": 0.0}, r"tilt_range must be in \(0, 90\]"),
     ({"tilt_range": 95.0}, r"tilt_range must be in \(0, 90\]"),
-    ({"classes": ("ribosome", "virus")}, "unknown class 'virus'"),
+    ({"classes": ("ribosome", "virus")}, r"unknown class 'virus'.*'ball', 'rod'"),
+    ({"classes": ("ball", "ball")}, "classes must be one or more distinct"),
+    ({"crowding": -0.1}, r"crowding must be a fraction in \[0, 1\]"),
+    ({"crowding": 1.5}, r"crowding must be a fraction in \[0, 1\]"),
+    ({"crowding": float("nan")}, r"crowding must be a fraction in \[0, 1\]"),
     ({"classes": ()}, "classes must be"),
     ({"polarity": "bright"}, "polarity must be one of"),
     ({"gold_beads": -1}, "gold_beads must be"),
@@ -244,3 +256,168 @@ def test_default_settings_are_fast_and_well_packed():
     assert result.volume.shape == (96, 192, 192)
     assert len(result.truth) >= 0.75 * 3 * 12  # most attempted particles fit
     assert elapsed < 10.0, f"default synthesis took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------- ball, rod, crowding, prompts
+
+
+def _instance_voxels(labels: np.ndarray, instance_id: int) -> np.ndarray:
+    return np.argwhere(labels == instance_id).astype(float)
+
+
+@pytest.mark.parametrize("voxel_size", [10.0, 5.0])
+def test_ball_and_rod_render_at_their_physical_size(voxel_size):
+    # 90 A ball, 70 x 320 A rod: 9 and 7 x 32 voxels at 10 A/px, twice that at 5 A/px
+    depth = 48 if voxel_size == 10.0 else 80  # a 5 A rod needs 2 x (33 + 2) voxels
+    settings = SynthSettings(shape=(depth, 96, 96), voxel_size_a=voxel_size, classes=("ball", "rod"),
+                             particles_per_class=2, membranes=0, gold_beads=0, use_real_maps=False)
+    result = synthesize(settings, seed=1)
+    assert {row["class"] for row in result.truth} == {"ball", "rod"}
+    for row in result.truth:
+        voxels = _instance_voxels(result.labels, row["instance_id"])
+        centre = voxels.mean(axis=0)
+        if row["class"] == "ball":
+            diameter = (6 * len(voxels) / math.pi) ** (1 / 3)  # of the sphere with this volume
+            assert diameter == pytest.approx(90 / voxel_size, rel=0.1)
+            assert row["radius"] == pytest.approx(45 / voxel_size + 1, abs=1.0)  # bounding radius + 1
+        else:  # any orientation: measure along and across the principal axis
+            axis = np.linalg.svd(voxels - centre, full_matrices=False)[2][0]
+            along = (voxels - centre) @ axis
+            across = np.linalg.norm((voxels - centre) - along[:, None] * axis, axis=1)
+            assert np.ptp(along) + 1 == pytest.approx(320 / voxel_size, rel=0.08)
+            assert 2 * np.median(across[np.abs(along) < 0.3 * np.ptp(along)]) + 1 == pytest.approx(
+                70 / voxel_size, rel=0.25)  # median over the straight part: half the points lie inside
+            assert 2 * across.max() + 1 == pytest.approx(70 / voxel_size, abs=2.0)
+            assert row["radius"] == pytest.approx(160 / voxel_size + 1, abs=1.0)
+
+
+@pytest.mark.parametrize("voxel_size", [10.0, 5.0])
+def test_builtin_ball_and_rod_templates_scale_with_voxel_size(voxel_size):
+    for cls, sides_a in (("ball", (90, 90, 90)), ("rod", (320, 70, 70))):  # the rod lies along z
+        tmpl = synth_shapes.template(cls, voxel_size, None)
+        mask = tmpl.density > synth_shapes.LABEL_LEVEL
+        extent = [int(np.ptp(np.nonzero(mask)[axis])) + 1 for axis in range(3)]
+        assert extent == pytest.approx([a / voxel_size for a in sides_a], abs=1.0)
+        assert mask[tuple(np.round(tmpl.centre).astype(int))]
+    assert "ball" not in synth_shapes.MAP_FILES and "rod" not in synth_shapes.MAP_FILES  # always built-in
+
+
+def test_default_classes_are_unchanged_and_new_ones_are_opt_in():
+    assert SynthSettings().classes == ("ribosome", "atpase", "hsp60") == synth.DEFAULT_CLASSES
+    assert SynthSettings().crowding == 0.0
+    assert set(synth.CLASSES) == {"ribosome", "atpase", "hsp60", "ball", "rod"}
+
+
+def _neighbour_gap(labels: np.ndarray, instance_id: int) -> float:
+    """Distance (voxels) from an instance's mask to the nearest voxel of any other instance."""
+    own = labels == instance_id
+    others = (labels > 0) & ~own
+    return float(ndi.distance_transform_edt(~own)[others].min()) if others.any() else math.inf
+
+
+def _check_labels_match_truth(result, shape):
+    regions = _regions(result.labels)
+    assert set(regions) == {row["instance_id"] for row in result.truth}
+    for row in result.truth:
+        instance_id, centre = row["instance_id"], _centre(row)
+        box = regions[instance_id]
+        assert ndi.label(result.labels[box] == instance_id)[1] == 1, f"instance {instance_id} is split"
+        voxels = np.argwhere(result.labels[box] == instance_id) + [s.start for s in box]
+        assert np.sqrt(((voxels - centre) ** 2).sum(axis=1)).max() <= row["radius"]
+        # the centre is on its own particle, never on a neighbour's
+        assert result.labels[tuple(np.round(centre).astype(int))] in (0, instance_id)
+        assert _distance_to_region(result.labels, instance_id, box, centre) <= 2.0
+        assert np.all(centre >= row["radius"]) and np.all(centre <= np.array(shape) - 1 - row["radius"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_crowding_puts_particles_in_contact_without_overlap(seed):
+    free = synthesize(MIXED, seed=seed)
+    crowded = synthesize(replace(MIXED, crowding=0.75), seed=seed)
+    free_gaps = [_neighbour_gap(free.labels, row["instance_id"]) for row in free.truth]
+    gaps = np.array([_neighbour_gap(crowded.labels, row["instance_id"]) for row in crowded.truth])
+    assert min(free_gaps) > 2.0  # without crowding every particle keeps a free margin
+    assert len(crowded.truth) >= 6
+    # touching: another instance's label within 1-2 voxels (adjacent voxels: 1 to sqrt 3)
+    assert (gaps <= 2.0).mean() >= 0.5, gaps
+    assert gaps.min() >= 1.0  # never overlapping: each voxel one instance id
+    _check_labels_match_truth(crowded, MIXED.shape)
+
+
+def test_full_crowding_touches_almost_every_particle_and_keeps_truth_consistent():
+    settings = replace(MIXED, crowding=1.0, use_real_maps=True)  # real maps where present: odd shapes
+    result = synthesize(settings, seed=3)
+    gaps = np.array([_neighbour_gap(result.labels, row["instance_id"]) for row in result.truth])
+    assert (gaps <= 2.0).mean() >= 0.8, gaps
+    _check_labels_match_truth(result, settings.shape)
+
+
+def test_crowded_synthesis_is_deterministic_for_a_seed():
+    settings = replace(MIXED, crowding=0.5)
+    first, again = synthesize(settings, seed=5), synthesize(settings, seed=5)
+    assert np.array_equal(first.volume, again.volume) and np.array_equal(first.labels, again.labels)
+    assert first.truth == again.truth and first.beads == again.beads
+    other = synthesize(settings, seed=6)
+    assert [_centre(r).tolist() for r in other.truth] != [_centre(r).tolist() for r in first.truth]
+    # crowding 0 draws nothing from the crowding stream: the same scene as the default
+    assert np.array_equal(synthesize(replace(MIXED, crowding=0.0), seed=5).labels,
+                          synthesize(MIXED, seed=5).labels)
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("per_class", [1, 3])
+def test_prompts_per_class_are_the_first_particles_of_each_class(tmp_path, per_class):
+    settings = replace(MIXED, classes=("ball", "rod"), particles_per_class=2, membranes=0)
+    write_dataset(str(tmp_path), n=2, seed=2, settings=settings, prompts_per_class=per_class)
+    truth, prompts = _read_csv(tmp_path / "truth.csv"), _read_csv(tmp_path / "prompts.csv")
+    assert list(prompts[0]) == list(synth.PROMPT_COLUMNS)
+    expected = []
+    for cls in dict.fromkeys(row["class"] for row in truth):  # classes in order of first appearance
+        expected += [{k: row[k] for k in synth.PROMPT_COLUMNS} for row in truth if row["class"] == cls][:per_class]
+    assert prompts == expected
+    counts = {cls: sum(p["class"] == cls for p in prompts) for cls in ("ball", "rod")}
+    assert counts == {"ball": per_class, "rod": per_class}  # 4 of each class in the dataset
+    if per_class == 3:
+        assert {p["tomogram"] for p in prompts} == {"synth_000", "synth_001"}  # spans tomograms
+
+
+def test_prompts_per_class_below_one_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="prompts_per_class must be an integer >= 1; got 0"):
+        write_dataset(str(tmp_path), n=1, settings=MIXED, prompts_per_class=0)
+    assert not list(tmp_path.iterdir())  # checked before any work
+
+
+def test_cli_synth_new_flags(tmp_path):
+    out = tmp_path / "data"
+    assert main(["synth", "--out", str(out), "--n", "1", "--shape", "48", "96", "96", "--builtin-shapes",
+                 "--classes", "ball", "rod", "--crowding", "0.5", "--prompts-per-class", "2"]) == 0
+    truth, prompts = _read_csv(out / "truth.csv"), _read_csv(out / "prompts.csv")
+    assert {row["class"] for row in truth} == {"ball", "rod"}
+    assert sorted(p["class"] for p in prompts) == ["ball", "ball", "rod", "rod"]
+    settings = SynthSettings(shape=(48, 96, 96), classes=("ball", "rod"), crowding=0.5, use_real_maps=False)
+    with mrcfile.open(out / "synth_000_labels.mrc") as mrc:
+        assert np.array_equal(mrc.data, synthesize(settings, seed=derive_seed(0, 0)).labels)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--crowding", "1.5"], r"synth\.crowding: Input should be less than or equal to 1"),
+    (["--classes", "ribosome", "virus"], r"synth\.classes: .*unknown class 'virus'.*ball, rod"),
+    (["--prompts-per-class", "0"], r"synth\.prompts_per_class: Input should be greater than or equal to 1"),
+])
+def test_cli_synth_rejects_bad_values_by_key(tmp_path, capsys, flags, message):
+    assert main(["synth", "--out", str(tmp_path / "x"), "--builtin-shapes", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_validates_synth_classes_and_crowding():
+    cfg = load_config(None, {"synth.classes": ["ball", "rod"], "synth.crowding": 0.3, "synth.prompts_per_class": 4})
+    assert cfg.synth.classes == ("ball", "rod") and cfg.synth.crowding == 0.3 and cfg.synth.prompts_per_class == 4
+    with pytest.raises(ConfigError, match=r"synth\.classes: .*distinct"):
+        load_config(None, {"synth.classes": ["ball", "ball"]})
+    with pytest.raises(ConfigError, match=r"synth\.crowding"):
+        load_config(None, {"synth.crowding": -0.2})
