@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = sub.add_parser("synth", help="write realistic synthetic tomograms with truth tables and labels",
-                           description="Write DIR/<name>.mrc, DIR/<name>_labels.mrc and DIR/truth.csv.")
+                           description="Write DIR/<name>.mrc, DIR/<name>_labels.mrc, DIR/truth.csv and "
+                           "DIR/prompts.csv.")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--n", type=int, help="number of tomograms (config synth.n)")
     synth.add_argument("--seed", type=int, help="random seed (config synth.seed)")
@@ -48,12 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--voxel-size", type=float, help="voxel size in Angstrom")
     synth.add_argument("--builtin-shapes", action="store_true",
                        help="use built-in particle shapes even when the real density maps are present")
+    synth.add_argument("--classes", nargs="+", metavar="CLASS",
+                       help="particle classes: ribosome atpase hsp60 ball rod (config synth.classes)")
+    synth.add_argument("--crowding", type=float, help="fraction of particles placed touching an earlier one, "
+                       "in [0, 1] (config synth.crowding; default 0)")
+    synth.add_argument("--prompts-per-class", type=int, metavar="N",
+                       help="prompts.csv rows per class: the first N particles of each (config synth.prompts_per_class)")
     _config_args(synth)
     synth.set_defaults(func=cmd_synth)
 
     ev = sub.add_parser("evaluate", help="score picks against a truth table (and masks against labels)",
                         description="One-to-one (Hungarian) matching of picks to truth within a distance, "
-                        "per class and per tomogram: TP, FP, FN, precision, recall, F1, F-beta.")
+                        "per class and per tomogram: TP, FP, FN, precision, recall, F1, F-beta; and, with picks "
+                        "ranked by score, average precision (ap; mean over classes for tomograms and overall) "
+                        "and the recall of the top 1x/2x/3x N_truth picks (r@1x ...).")
     ev.add_argument("--truth", required=True, help="truth table (truth.csv from cryosam synth)")
     ev.add_argument("--picks", required=True, help="picks table (.parquet or .csv)")
     dist = ev.add_mutually_exclusive_group()
@@ -122,10 +131,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
         "synth.n": args.n, "synth.seed": args.seed, "synth.shape": args.shape, "synth.snr": args.snr,
         "synth.tilt_range": args.tilt_range, "synth.polarity": args.polarity,
         "synth.voxel_size_a": args.voxel_size, "synth.use_real_maps": False if args.builtin_shapes else None,
+        "synth.classes": args.classes, "synth.crowding": args.crowding,
+        "synth.prompts_per_class": args.prompts_per_class,
     }).synth
-    settings = SynthSettings(**cfg.model_dump(exclude={"n", "seed"}))
-    paths = write_dataset(args.out, n=cfg.n, seed=cfg.seed, settings=settings)
-    print(f"wrote {len(paths)} tomograms, their labels and truth.csv to {args.out}")
+    settings = SynthSettings(**cfg.model_dump(exclude={"n", "seed", "prompts_per_class"}))
+    paths = write_dataset(args.out, n=cfg.n, seed=cfg.seed, settings=settings,
+                          prompts_per_class=cfg.prompts_per_class)
+    print(f"wrote {len(paths)} tomograms, their labels, truth.csv and prompts.csv to {args.out}")
     return 0
 
 

@@ -5,6 +5,8 @@ assignments that pair the most picks with a truth particle closer than its thres
 with the smallest total distance (Hungarian algorithm, solved per connected component of
 candidate pairs so thousands of particles stay cheap). Scores follow the CZII cryo-ET object
 identification benchmark: precision, recall and F-beta with beta = 4 (recall weighs 16x).
+Picks ranked by ``score`` also get average precision and recall at 1x/2x/3x the truth count
+(:mod:`cryosam_ray.ranking`).
 Coordinates are voxels, ZYX; distances in voxels unless named ``_a`` (Angstrom).
 """
 
@@ -20,6 +22,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from cryosam_ray.ranking import (RECALL_MULTIPLES, GroupRanking, RankingReport, RankingScores, greedy_match,
+                                 score_ranks, summarise)
 from cryosam_ray.tables import angstrom_to_voxels, validate_picks, validate_truth
 
 log = logging.getLogger(__name__)
@@ -73,23 +77,40 @@ class Counts:
 @dataclass
 class PickingReport:
     """Counts per class (summed over tomograms), per tomogram (summed over classes), per
-    (tomogram, class) and overall (micro-averaged: the sum of all counts)."""
+    (tomogram, class) and overall (micro-averaged: the sum of all counts); ``ranking``: the
+    score-ranked metrics of the same scopes (:class:`~cryosam_ray.ranking.RankingReport`)."""
 
     per_class: dict[str, Counts]
     per_tomogram: dict[str, Counts]
     per_tomogram_class: dict[tuple[str, str], Counts]
     overall: Counts
     beta: float = 4.0
+    ranking: RankingReport | None = None
 
     def to_json(self) -> dict:
         """``{"per_class": {CLASS: metrics}, "per_tomogram": {TOMOGRAM: metrics}, "overall": metrics}``
-        where metrics is :meth:`Counts.to_dict`."""
-        return {"per_class": {k: c.to_dict(self.beta) for k, c in self.per_class.items()},
-                "per_tomogram": {k: c.to_dict(self.beta) for k, c in self.per_tomogram.items()},
-                "overall": self.overall.to_dict(self.beta)}
+        where metrics is :meth:`Counts.to_dict` plus, with a ranking,
+        :meth:`~cryosam_ray.ranking.RankingScores.to_dict` (``ap``, ``recall_at_1x`` ...); then
+        also ``"ranked_by": "score" | "table order"``."""
+        rk = self.ranking
+        out = {"per_class": {k: self._metrics(c, rk.per_class[k] if rk else None)
+                             for k, c in self.per_class.items()},
+               "per_tomogram": {k: self._metrics(c, rk.per_tomogram[k] if rk else None)
+                                for k, c in self.per_tomogram.items()},
+               "overall": self._metrics(self.overall, rk.overall if rk else None)}
+        if rk is not None:
+            out["ranked_by"] = rk.ranked_by
+        return out
+
+    def _metrics(self, counts: Counts, ranked: RankingScores | None) -> dict:
+        metrics = counts.to_dict(self.beta)
+        if ranked is not None:
+            metrics.update(ranked.to_dict())
+        return metrics
 
     def format_table(self) -> str:
-        """An aligned text table: one row per class, one per tomogram, and the overall row."""
+        """An aligned text table: one row per class, one per tomogram, and the overall row
+        (with a ranking, also ``ap`` and recall at 1x/2x/3x the truth count, ``r@1x`` ...)."""
         rows = [("class", k, c) for k, c in self.per_class.items()]
         rows += [("tomogram", k, c) for k, c in self.per_tomogram.items()]
         rows.append(("overall", "all", self.overall))
@@ -97,6 +118,14 @@ class PickingReport:
         cells = [header] + [(scope, str(name), str(c.tp), str(c.fp), str(c.fn), f"{c.precision:.4f}",
                              f"{c.recall:.4f}", f"{c.f1:.4f}", f"{c.fbeta(self.beta):.4f}")
                             for scope, name, c in rows]
+        if self.ranking is not None:
+            header += ("ap", *(f"r@{m}x" for m in RECALL_MULTIPLES))
+            scopes = {"class": self.ranking.per_class, "tomogram": self.ranking.per_tomogram}
+            for i, (scope, name, _) in enumerate(rows, start=1):
+                r = self.ranking.overall if scope == "overall" else scopes[scope][name]
+                cells[i] += ("-" if np.isnan(r.ap) else f"{r.ap:.4f}",
+                             *(f"{r.recall_at(m):.4f}" for m in RECALL_MULTIPLES))
+            cells[0] = header
         widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
         lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
                  for row in cells]
@@ -179,6 +208,13 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
     override it. Picks of a class or tomogram absent from truth are all false positives; truth
     absent from picks all false negatives.
 
+    The report's ``ranking`` ranks picks by ``score`` (higher first, NaN last, ties in table
+    order; table order, with a warning, when no pick has a score) and gives, per scope, the
+    non-interpolated average precision of greedy score-ordered matching with the same thresholds
+    (:func:`~cryosam_ray.ranking.average_precision`; mean over classes for tomograms and
+    overall) and the recall of the top 1x, 2x and 3x ``N_truth`` picks of each (tomogram, class),
+    matched one-to-one as above.
+
     Args:
         truth: table from :func:`~cryosam_ray.tables.read_truth` (``tomogram, class, instance_id,
             z, y, x, radius[, voxel_size_a]``).
@@ -195,6 +231,7 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     truth = validate_truth(truth)
+    has_score_column = "score" in picks.column_names
     picks = validate_picks(picks)
     t_keys = list(zip(truth.column("tomogram").to_pylist(), truth.column("class").to_pylist()))
     p_keys = list(zip(picks.column("tomogram").to_pylist(), picks.column("class").to_pylist()))
@@ -204,6 +241,7 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
     t_vs = (truth.column("voxel_size_a").to_numpy() if "voxel_size_a" in truth.column_names
             else np.full(len(t_keys), np.nan))
     p_vs = picks.column("voxel_size_a").to_numpy()
+    rank, ranked_by = _pick_ranks(picks.column("score").to_numpy(), has_score_column)
     groups: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for i, key in enumerate(t_keys):
         groups.setdefault(key, ([], []))[0].append(i)
@@ -211,9 +249,11 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
         groups.setdefault(key, ([], []))[1].append(i)
 
     per_tc: dict[tuple[str, str], Counts] = {}
+    ranked_groups: dict[tuple[str, str], GroupRanking] = {}
     for key in sorted(groups):
         ti, pi = (np.asarray(g, dtype=np.int64) for g in groups[key])
-        pairs = []
+        ranked = pi[np.argsort(rank[pi], kind="stable")]
+        pairs, is_tp, found = [], np.zeros(pi.size, dtype=bool), dict.fromkeys(RECALL_MULTIPLES, 0)
         if ti.size and pi.size:
             if distance_vox is not None:
                 threshold = np.full(ti.size, float(distance_vox))
@@ -222,7 +262,12 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
             else:
                 threshold = radius_fraction * t_radius[ti]
             pairs = match_points(p_zyx[pi], t_zyx[ti], threshold)
+            is_tp = greedy_match(p_zyx[ranked], t_zyx[ti], threshold)
+            found = {m: len(pairs) if m * ti.size >= pi.size else
+                     len(match_points(p_zyx[ranked[: m * ti.size]], t_zyx[ti], threshold))
+                     for m in RECALL_MULTIPLES}
         per_tc[key] = Counts(len(pairs), int(pi.size) - len(pairs), int(ti.size) - len(pairs))
+        ranked_groups[key] = GroupRanking(rank[ranked], is_tp, int(ti.size), found)
 
     per_class: dict[str, Counts] = {}
     per_tomogram: dict[str, Counts] = {}
@@ -231,10 +276,11 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
         per_class[cls] = per_class.get(cls, Counts()) + counts
         per_tomogram[tomo] = per_tomogram.get(tomo, Counts()) + counts
         overall = overall + counts
-    log.info("picking evaluation: tp=%d fp=%d fn=%d f%g=%.4f", overall.tp, overall.fp, overall.fn,
-             beta, overall.fbeta(beta))
+    ranking = summarise(ranked_groups, ranked_by=ranked_by)
+    log.info("picking evaluation: tp=%d fp=%d fn=%d f%g=%.4f mAP=%.4f", overall.tp, overall.fp, overall.fn,
+             beta, overall.fbeta(beta), ranking.overall.ap)
     return PickingReport(dict(sorted(per_class.items())), dict(sorted(per_tomogram.items())), per_tc,
-                         overall, beta)
+                         overall, beta, ranking)
 
 
 @dataclass
@@ -299,6 +345,20 @@ def evaluate_masks(pred_labels: np.ndarray, truth_labels: np.ndarray) -> MaskRep
     inst_iou = ov / (t_sz + p_sz - ov)
     return MaskReport(float(dice), float(iou), float(inst_dice.mean()), float(inst_iou.mean()),
                       int((inst_iou > 0.5).sum()), n_truth, n_pred)
+
+
+def _pick_ranks(scores: np.ndarray, has_score_column: bool) -> tuple[np.ndarray, str]:
+    """Rank positions of the picks (:func:`~cryosam_ray.ranking.score_ranks`) and what ranked them;
+    warns once when no pick has a score (then the ranking is the table order)."""
+    missing = np.isnan(scores)
+    ranked_by = "score"
+    if scores.size and missing.all():
+        ranked_by = "table order"
+        log.warning("picks have no scores (%s): average precision and recall@kx rank them in table order",
+                    "every score is NaN" if has_score_column else "no 'score' column")
+    elif missing.any():
+        log.info("%d of %d picks have no score; they rank last", int(missing.sum()), scores.size)
+    return score_ranks(scores), ranked_by
 
 
 def _angstrom_threshold(distance_a, truth_vs, pick_vs, key) -> np.ndarray:
