@@ -131,6 +131,8 @@ class PropagationConfig(_Section):
     directions: Literal["six", "z"] = Field("six", description="six: +-z,+-y,+-x (paper); z: +-z (public code).")
     iou_threshold: float = Field(0.5, ge=0, le=1, description="tau_IoU: stop when consecutive masks' IoU is lower.")
     max_steps: int | None = Field(None, ge=1, description="Slices per front beyond its seed (None: no limit).")
+    size_prior: bool = Field(False, description="Tell the segmenter the prompt instances' radius when propagating "
+                             "proposals (windows, area caps, front length); false: the paper's plain propagation.")
 
 
 class FilterBankConfig(_Section):
@@ -138,6 +140,16 @@ class FilterBankConfig(_Section):
 
     sigmas: tuple[float, ...] = Field((1.0, 2.0, 4.0, 8.0), min_length=1, description="Gaussian scales, pixels.")
     stride: int = Field(4, ge=1, description="Pixels per token along each slice axis.")
+
+
+class RingsConfig(_Section):
+    """The weight-free ring-profile encoder (see :class:`cryosam_ray.encoders.rings.RingEncoder`)."""
+
+    sigmas: tuple[float, ...] = Field((1.5, 2.5, 4.0, 6.0), description="Laplacian-of-Gaussian (blob) scales, pixels.")
+    ring_radii: tuple[float, ...] = Field((0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0),
+                                          description="Radii of the ring means (radial profile), pixels.")
+    smoothing: float = Field(1.0, ge=0, description="Gaussian smoothing before the ring means, pixels.")
+    stride: int = Field(2, ge=1, description="Pixels per token along each slice axis.")
 
 
 class Dinov2Config(_Section):
@@ -156,8 +168,10 @@ class Dinov2Config(_Section):
 class EncoderConfig(_Section):
     """The slice encoder, picked by name."""
 
-    backend: Literal["filterbank", "dinov2"] = Field("filterbank", description="filterbank (weight-free) or dinov2.")
+    backend: Literal["filterbank", "rings", "dinov2"] = Field(
+        "filterbank", description="filterbank or rings (weight-free), or dinov2.")
     filterbank: FilterBankConfig = Field(default_factory=FilterBankConfig)
+    rings: RingsConfig = Field(default_factory=RingsConfig)
     dinov2: Dinov2Config = Field(default_factory=Dinov2Config)
 
 
@@ -173,8 +187,14 @@ class MatchingConfig(_Section):
     """Hierarchical Feature Matching (see :func:`cryosam_ray.matching.hierarchical_match`)."""
 
     method: Literal["hierarchical", "naive"] = Field("hierarchical", description="naive: every voxel, for comparison.")
-    ratios: tuple[int, ...] = Field((16, 8, 4), min_length=1, description="Pyramid ratios, coarse to fine.")
-    tau_sim: float = Field(0.5, ge=-1, le=1, description="Cells below this similarity are dropped.")
+    similarity: Literal["cosine", "projection"] = Field(
+        "cosine", description="cosine: the paper's; projection: the feature projected on the query's direction "
+        "from background, prompt = 1 (magnitude-aware: finds more small particles in real tomograms).")
+    ratios: tuple[int, ...] | Literal["auto"] = Field(
+        "auto", description="Pyramid ratios, coarse to fine; auto: from the prompt instances' radius (finest <= r/2).")
+    tau_sim: float | None = Field(0.5, description="Cells below this similarity are dropped (the paper: 0.5); "
+                                  "null: calibrated, each coarser level keeps its best keep_fraction of cells.")
+    keep_fraction: float = Field(0.25, gt=0, le=1, description="Share of cells kept per coarser level when tau_sim is null.")
     dilate: int = Field(1, ge=0, description="Cells of margin kept around kept cells between levels.")
     nms_radius: float | None = Field(None, gt=0, description="NMS radius in voxels (None: the prompt instances' radius).")
     top_k: int = Field(512, ge=1, description="Proposals kept per class and tomogram (K).")
@@ -184,9 +204,13 @@ class InstancesConfig(_Section):
     """How proposals become particles: propagation in batches, merging, filters."""
 
     batch: int = Field(64, ge=1, description="Proposals propagated together; later ones inside found particles are skipped.")
-    min_size_ratio: float = Field(0.5, ge=0, description="Smallest particle, relative to the prompt instances' median size.")
-    max_size_ratio: float = Field(2.0, gt=0, description="Largest particle, relative to the prompt instances' median size.")
-    min_similarity: float = Field(0.9, ge=-1, le=1, description="Cosine of a particle's mean feature with the query.")
+    min_size_ratio: float | None = Field(0.5, ge=0, description="Smallest particle, relative to the prompt instances' "
+                                         "median size (null: no limit).")
+    max_size_ratio: float | None = Field(2.0, gt=0, description="Largest particle, relative to the prompt instances' "
+                                         "median size (null: no limit).")
+    min_score: float | Literal["auto"] | None = Field(
+        0.9, description="Smallest particle score (cosine: with the query; projection: prompt = 1); auto: the split "
+        "of the run's score distribution; null: keep every particle (the paper).")
     overlap: float = Field(0.3, gt=0, le=1, description="Masks sharing this fraction of the smaller one are one particle.")
 
 

@@ -5,10 +5,13 @@ Stages (each a plain function, reused by the Ray wiring):
 1. :func:`segment_prompts`: each prompt's 3D instance (Cross-Plane Self-Prompting).
 2. :func:`build_queries`: one query per class, the masked average of voxel features over the
    class's prompt instances, wherever they lie in the dataset.
-3. :func:`find_particles`: per tomogram and class, Hierarchical Feature Matching proposes
-   points; they are propagated in batches, best first; a proposal inside a particle already
-   found (or already rejected) is skipped, overlapping masks are one particle, and particles
-   whose size or mean feature is unlike the prompts' are dropped.
+3. :func:`match_classes` and :func:`find_particles`: per tomogram and class, Hierarchical
+   Feature Matching proposes points at the prompts' scale; they are propagated in batches,
+   best first, with the prompts' size as a prior; a proposal inside a particle already found is
+   skipped, overlapping masks are one particle, masks far from the prompts' size are rejected
+   (and claim no voxels), and each particle gets a ``score`` (its mean feature against the
+   query, prompt = 1). Particles under a cut calibrated from the run's score distribution are
+   dropped (:func:`score_cut`).
 4. :func:`write_tomogram_outputs`: instance and semantic masks; the picks table is built from
    :func:`particle_rows` of all tomograms.
 """
@@ -24,7 +27,8 @@ import numpy as np
 
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.features import FeatureVolume
-from cryosam_ray.matching import Proposals, SimilarityField, hierarchical_match, naive_match, query_feature
+from cryosam_ray.matching import (Proposals, SimilarityField, auto_ratios, background_feature, hierarchical_match,
+                                  naive_match, query_feature)
 from cryosam_ray.propagation import Instance, propagate
 from cryosam_ray.segment import label_volume
 from cryosam_ray.tables import Point
@@ -42,7 +46,11 @@ class Particle:
         instance: its 3D mask (bounding box + cropped mask).
         source: "prompt" (a user's prompt) or "match" (found by feature matching).
         similarity: the proposal's voxel similarity with the query (NaN for prompts).
-        instance_similarity: cosine of the particle's mean feature with the class query.
+        instance_similarity: the particle's mean feature against the class query, with the
+            configured similarity (projection: prompt = 1, background = 0).
+        score: what particles are ranked and cut by: ``instance_similarity`` times the cosine
+            of the particle's direction from background with the query's (so a stronger particle
+            of another kind does not outrank), prompt = 1.
     """
 
     cls: str
@@ -50,6 +58,7 @@ class Particle:
     source: str
     similarity: float = math.nan
     instance_similarity: float = math.nan
+    score: float = math.nan
 
     def voxels(self) -> np.ndarray:
         """(M, 3) ZYX voxel coordinates of the mask."""
@@ -58,12 +67,20 @@ class Particle:
 
 @dataclass
 class ClassQuery:
-    """What matching needs to know about one class, from its prompt instances."""
+    """What matching needs to know about one class, from its prompt instances.
+
+    Attributes:
+        vector: (3C,) mean voxel feature over the prompt instances.
+        background: (3C,) mean voxel feature of the tomograms holding them (projection's origin).
+        median_voxels: voxel count of the median prompt instance.
+        radius: equivalent-sphere radius of the median prompt instance, voxels.
+    """
 
     cls: str
-    vector: np.ndarray  # (3C,)
+    vector: np.ndarray
+    background: np.ndarray
     median_voxels: float
-    radius: float  # equivalent-sphere radius of the median prompt instance, voxels
+    radius: float
 
 
 @dataclass
@@ -91,10 +108,12 @@ def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: Cry
 
 @dataclass
 class QueryPart:
-    """One tomogram's contribution to a class query: the feature sum over its prompt voxels."""
+    """One tomogram's contribution to a class query: feature sums over its prompt voxels, and its
+    mean feature weighted by those voxels (the background the query is measured from)."""
 
     cls: str
     feature_sum: np.ndarray  # (3C,) float64
+    background_sum: np.ndarray  # (3C,) float64: the tomogram's mean feature x voxels
     voxels: int
     sizes: list[int]
 
@@ -102,11 +121,14 @@ class QueryPart:
 def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryPart]:
     """Per class, the sum of voxel features over this tomogram's prompt particles."""
     parts: dict[str, QueryPart] = {}
+    background = background_feature(volume) if particles else None
     for particle in particles:
         vox = particle.voxels()
         total = query_feature(volume, [vox]).astype(np.float64) * len(vox)
-        part = parts.setdefault(particle.cls, QueryPart(particle.cls, np.zeros_like(total), 0, []))
+        part = parts.setdefault(particle.cls, QueryPart(particle.cls, np.zeros_like(total), np.zeros_like(total),
+                                                        0, []))
         part.feature_sum += total
+        part.background_sum += background * len(vox)
         part.voxels += len(vox)
         part.sizes.append(particle.instance.voxel_count)
     return list(parts.values())
@@ -116,23 +138,34 @@ def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
     """The paper's query: sum over all prompt voxels of a class, wherever they lie, over their count."""
     merged: dict[str, QueryPart] = {}
     for part in parts:
-        acc = merged.setdefault(part.cls, QueryPart(part.cls, np.zeros_like(part.feature_sum), 0, []))
+        acc = merged.setdefault(part.cls, QueryPart(part.cls, np.zeros_like(part.feature_sum),
+                                                    np.zeros_like(part.feature_sum), 0, []))
         acc.feature_sum += part.feature_sum
+        acc.background_sum += part.background_sum
         acc.voxels += part.voxels
         acc.sizes += part.sizes
     queries = {}
     for cls, part in sorted(merged.items()):
         median = float(np.median(part.sizes))
-        queries[cls] = ClassQuery(cls, (part.feature_sum / part.voxels).astype(np.float32), median,
-                                  (3 * median / (4 * math.pi)) ** (1 / 3))
+        queries[cls] = ClassQuery(cls, (part.feature_sum / part.voxels).astype(np.float32),
+                                  part.background_sum / part.voxels, median, (3 * median / (4 * math.pi)) ** (1 / 3))
     return queries
 
 
-def score_particles(volume: FeatureVolume, particles: list[Particle], queries: dict[str, ClassQuery]) -> None:
-    """Set each particle's ``instance_similarity``: its mean feature's cosine with its class query."""
+def score_particles(volume: FeatureVolume, particles: list[Particle], queries: dict[str, ClassQuery],
+                    similarity: str = "projection") -> None:
+    """Set each particle's ``instance_similarity`` and ``score`` (see :class:`Particle`)."""
+    mean = background_feature(volume) if similarity == "projection" and particles else None
     for particle in particles:
-        particle.instance_similarity = _cosine(query_feature(volume, [particle.voxels()]),
-                                               queries[particle.cls].vector)
+        query = queries[particle.cls]
+        feature = query_feature(volume, [particle.voxels()]).astype(np.float64)
+        if similarity == "cosine":
+            particle.instance_similarity = particle.score = _cosine(feature, query.vector)
+            continue
+        direction = query.vector - query.background
+        offset = feature - mean
+        particle.instance_similarity = float(offset @ direction / max(float(direction @ direction), 1e-12))
+        particle.score = max(particle.instance_similarity, 0.0) * max(_cosine(offset, direction), 0.0)
 
 
 def build_queries(prompt_particles: dict[str, list[Particle]], volumes: dict[str, FeatureVolume]) -> dict[str, ClassQuery]:
@@ -144,21 +177,26 @@ def build_queries(prompt_particles: dict[str, list[Particle]], volumes: dict[str
     """
     queries = combine_queries([part for name, particles in prompt_particles.items()
                                for part in query_parts(volumes[name], particles)])
-    for name, particles in prompt_particles.items():
-        score_particles(volumes[name], particles, queries)
     return queries
 
 
-def match(volume: FeatureVolume, query: ClassQuery, cfg: CryoSamConfig, field_: SimilarityField | None = None,
-          query_index: int = 0) -> Proposals:
-    """Proposals of one class on one tomogram, by the configured method."""
+def match_classes(volume: FeatureVolume, queries: dict[str, ClassQuery], cfg: CryoSamConfig) -> dict[str, Proposals]:
+    """Proposals of every class on one tomogram, by the configured method, at each class's scale.
+
+    Hierarchical matching makes one streamed pass over the stored maps for all classes.
+    """
     m = cfg.matching
-    radius = m.nms_radius or query.radius
+    classes = sorted(queries)
     if m.method == "naive":
-        return naive_match(volume, query.vector, tau_sim=m.tau_sim, nms_radius=radius, top_k=m.top_k)
-    field_ = field_ or SimilarityField(volume, query.vector[None])
-    return hierarchical_match(field_, query=query_index, ratios=m.ratios, tau_sim=m.tau_sim, dilate=m.dilate,
-                              nms_radius=radius, top_k=m.top_k)
+        return {cls: naive_match(volume, queries[cls].vector, tau_sim=m.tau_sim, top_k=m.top_k,
+                                 nms_radius=m.nms_radius or queries[cls].radius, similarity=m.similarity,
+                                 background=queries[cls].background) for cls in classes}
+    field = SimilarityField(volume, np.stack([queries[c].vector for c in classes]), similarity=m.similarity,
+                            backgrounds=np.stack([queries[c].background for c in classes]))
+    return {cls: hierarchical_match(field, query=index, tau_sim=m.tau_sim, keep_fraction=m.keep_fraction,
+                                    ratios=auto_ratios(queries[cls].radius) if m.ratios == "auto" else m.ratios,
+                                    dilate=m.dilate, nms_radius=m.nms_radius or queries[cls].radius, top_k=m.top_k)
+            for index, cls in enumerate(classes)}
 
 
 def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery, proposals: Proposals,
@@ -168,11 +206,13 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
     ``known`` particles (this class's prompt instances on this tomogram) are never found twice.
     """
     inst_cfg, prop = cfg.instances, cfg.propagation
-    claimed = np.zeros(tomogram.shape, bool)  # voxels of particles found, or of rejected masks
+    claimed = np.zeros(tomogram.shape, bool)  # voxels of accepted particles (rejected masks claim nothing)
     for particle in known:
         particle.instance.paste(claimed, True)
     found: list[Particle] = []
-    lo, hi = inst_cfg.min_size_ratio * query.median_voxels, inst_cfg.max_size_ratio * query.median_voxels
+    lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels
+    hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels
+    radius = query.radius if prop.size_prior else None
     order = list(range(len(proposals)))
     while order:
         batch = [i for i in order[:inst_cfg.batch] if not claimed[tuple(np.rint(proposals.zyx[i]).astype(int))]]
@@ -180,30 +220,72 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
         if not batch:
             continue
         instances = propagate(segmenter, tomogram, proposals.zyx[batch], directions=prop.directions,
-                              iou_threshold=prop.iou_threshold, max_steps=prop.max_steps)
+                              iou_threshold=prop.iou_threshold, max_steps=prop.max_steps, radius=radius)
         for i, inst in zip(batch, instances):
-            if inst.empty:
-                continue
+            if inst.empty or not lo <= inst.voxel_count <= hi:
+                continue  # a leaked or empty mask: it claims nothing, so it hides no true neighbour
             z0, y0, x0, z1, y1, x1 = inst.bbox
             if claimed[z0:z1, y0:y1, x0:x1][inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
-                continue  # the same particle as one found (or rejected) before
+                continue  # the same particle as one found before
             inst.paste(claimed, True)
-            if not lo <= inst.voxel_count <= hi:
-                continue
-            particle = Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i]))
-            score_particles(volume, [particle], {query.cls: query})
-            if particle.instance_similarity >= inst_cfg.min_similarity:
-                found.append(particle)
-    log.info("%s: %d %s particles from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
+            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i])))
+    score_particles(volume, found, {query.cls: query}, cfg.matching.similarity)
+    log.info("%s: %d %s candidates from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
     return found
+
+
+def score_cut(scores: np.ndarray, min_score: float | str | None, similarity: str = "projection") -> float:
+    """The smallest score kept. ``"auto"``: the split of the scores into two groups (Otsu's
+    threshold: the cut maximising the between-group variance); for projection scores kept
+    within [0.25, 0.6] of the prompt's own score, since a run's candidates may be nearly all
+    particles or nearly all background; a number: that; None: keep all (-inf)."""
+    if min_score is None:
+        return -math.inf
+    if min_score != "auto":
+        return float(min_score)
+    scores = np.sort(np.asarray(scores, np.float64)[np.isfinite(scores)])
+    if len(scores) < 4:
+        return 0.25 if similarity == "projection" else -math.inf
+    n = np.arange(1, len(scores))
+    left = np.cumsum(scores)[:-1] / n
+    right = (scores.sum() - np.cumsum(scores)[:-1]) / (len(scores) - n)
+    between = n * (len(scores) - n) * (left - right) ** 2
+    best = int(np.argmax(between))
+    split = 0.5 * (scores[best] + scores[best + 1])
+    return float(np.clip(split, 0.25, 0.6)) if similarity == "projection" else float(split)
+
+
+def keep_scored(particles: list[Particle], cfg: CryoSamConfig) -> list[Particle]:
+    """Prompts, and matches scoring at least the run's cut (per class, see :func:`score_cut`)."""
+    kept = [p for p in particles if p.source == "prompt"]
+    for cls in sorted({p.cls for p in particles}):
+        matches = [p for p in particles if p.cls == cls and p.source != "prompt"]
+        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, cfg.matching.similarity)
+        kept += [p for p in matches if p.score >= cut]
+        log.info("%s: %d of %d candidates score >= %.3f", cls, sum(p.score >= cut for p in matches), len(matches), cut)
+    return kept
+
+
+def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: dict[str, ClassQuery],
+                          proposals: dict[str, Proposals], prompts: list[Particle], segmenter,
+                          cfg: CryoSamConfig) -> list[Particle]:
+    """Every particle of one tomogram: its prompt particles (scored) and each class's matches
+    above the run's cut, one class per physical particle. Both executors call this."""
+    prompts = [p for p in prompts if p.cls in queries]
+    score_particles(volume, prompts, queries, cfg.matching.similarity)
+    particles = list(prompts)
+    for cls in sorted(queries):
+        known = [p for p in prompts if p.cls == cls]
+        particles += find_particles(tomogram, volume, queries[cls], proposals[cls], segmenter, cfg, known)
+    return resolve_classes(keep_scored(particles, cfg), tomogram.shape, overlap=cfg.instances.overlap)
 
 
 def resolve_classes(particles: list[Particle], shape: tuple[int, int, int], *, overlap: float) -> list[Particle]:
     """One class per physical particle: where particles of different classes overlap (by at least
     ``overlap`` of the smaller), the prompt wins, else the best-matching class (highest
-    ``instance_similarity``). Returns the survivors, prompts first, each group in input order."""
+    ``score``). Returns the survivors, prompts first, each group in input order."""
     ranked = sorted(range(len(particles)), key=lambda i: (particles[i].source != "prompt",
-                                                            -np.nan_to_num(particles[i].instance_similarity, nan=1.0)))
+                                                            -np.nan_to_num(particles[i].score, nan=1.0)))
     owner = np.zeros(shape, np.int32)  # 1 + index of the accepted particle holding each voxel
     sizes = {}
     kept = []
@@ -229,7 +311,7 @@ def particle_rows(tomogram: Tomogram, particles: list[Particle]) -> list[dict]:
         z, y, x = particle.instance.centroid
         rows.append({"tomogram": tomogram.name, "class": particle.cls, "instance_id": number, "z": z, "y": y, "x": x,
                      "voxel_size_a": tomogram.voxel_size_a, "voxel_count": particle.instance.voxel_count,
-                     "score": particle.instance_similarity, "similarity": particle.similarity,
+                     "score": particle.score, "similarity": particle.similarity,
                      "pred_iou": particle.instance.pred_iou})
     return rows
 

@@ -87,7 +87,7 @@ def _seed_point(prompt: np.ndarray, axis: int) -> tuple[int, tuple[int, int]]:
 
 def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
               directions: Directions = "six", iou_threshold: float = 0.5,
-              max_steps: int | None = None) -> list[Instance]:
+              max_steps: int | None = None, radius: float | None = None) -> list[Instance]:
     """3D instance masks for point prompts on one tomogram.
 
     Args:
@@ -98,6 +98,8 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
             "z" (seed on the z slice, walk +-z: the public code).
         iou_threshold: a front stops when consecutive masks' IoU is below this (tau_IoU).
         max_steps: at most this many slices per front beyond its seed (None: no limit).
+        radius: expected particle radius in voxels (from the prompt instances; None: unknown),
+            passed to the segmenter, which sizes its windows and caps mask areas from it.
 
     Returns:
         One :class:`Instance` per prompt, in order. A prompt outside the volume or on empty
@@ -120,7 +122,7 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
             continue
         for axis in axes:
             index, point = _seed_point(p, axis)
-            seeds.append((i, axis, index, SliceRequest(axis=axis, index=index, point=point)))
+            seeds.append((i, axis, index, SliceRequest(axis=axis, index=index, point=point, radius=radius)))
 
     fronts: list[_Front] = []
     for (i, axis, index, _), pred in zip(seeds, segmenter.predict([s[3] for s in seeds])):
@@ -134,7 +136,8 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
         steps += 1
         fronts = [f for f in fronts if 0 <= f.index + f.step < shape[f.axis]]  # stop at the edge
         requests = [SliceRequest(axis=f.axis, index=f.index + f.step, point=f.pred.best_point(),
-                                 prev_mask=f.pred.mask, prev_offset=f.pred.offset, state=f.pred.state)
+                                 prev_mask=f.pred.mask, prev_offset=f.pred.offset, state=f.pred.state,
+                                 radius=radius)
                     for f in fronts]
         survivors = []
         for front, pred in zip(fronts, segmenter.predict(requests) if requests else []):
@@ -177,6 +180,9 @@ def _assemble(prompt, slices: list[tuple[int, int, SlicePrediction]], message: s
     for (axis, index, pred), (blo, bhi) in zip(slices, boxes):
         region = tuple(slice(a, b) for a, b in zip(blo - lo, bhi - lo))
         mask[region] |= np.expand_dims(pred.mask, axis)
-    bbox = tuple(int(v) for v in (*lo, *hi))
+    nonzero = np.argwhere(mask)  # windows carry margins: crop the box to the mask itself
+    first, last = nonzero.min(axis=0), nonzero.max(axis=0) + 1
+    mask = mask[tuple(slice(a, b) for a, b in zip(first, last))]
+    bbox = tuple(int(v) for v in (*(lo + first), *(lo + last)))
     pred_iou = float(np.mean([pred.pred_iou for _, _, pred in slices]))
     return Instance(prompt=prompt, bbox=bbox, mask=mask, pred_iou=pred_iou, n_slices=len(slices))

@@ -19,8 +19,8 @@ from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.encoders import build_encoder
 from cryosam_ray.errors import CryoSamError, PromptError
 from cryosam_ray.features import FeatureVolume, compute_features
-from cryosam_ray.pipeline import (TomogramOutcome, build_queries, find_particles, match, particle_rows,
-                                  resolve_classes, segment_prompts, write_tomogram_outputs)
+from cryosam_ray.pipeline import (TomogramOutcome, build_queries, match_classes, particle_rows, particles_of_tomogram,
+                                  segment_prompts, write_tomogram_outputs)
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_bytes_atomic, write_picks, write_star
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, is_remote, open_tomogram
@@ -127,17 +127,14 @@ def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, c
         try:
             tomo = tomograms[name]
             volume = features(name)
-            particles = list(prompt_particles.get(name, []))
-            for cls, query in queries.items():
-                t = time.perf_counter()
-                proposals = match(volume, query, cfg)
-                timer.add("match", t)
-                t = time.perf_counter()
-                known = [p for p in particles if p.cls == cls]
-                particles += find_particles(tomo, volume, query, proposals, segmenter, cfg, known)
-                timer.add("propagate", t)
-                outcome.proposals[cls] = len(proposals)
-            outcome.particles = resolve_classes(particles, tomo.shape, overlap=cfg.instances.overlap)
+            t = time.perf_counter()
+            proposals = match_classes(volume, queries, cfg)
+            timer.add("match", t)
+            outcome.proposals = {cls: len(p) for cls, p in proposals.items()}
+            t = time.perf_counter()
+            outcome.particles = particles_of_tomogram(tomo, volume, queries, proposals, prompt_particles.get(name, []),
+                                                      segmenter, cfg)
+            timer.add("propagate", t)
             t = time.perf_counter()
             outcome.files = write_tomogram_outputs(out_dir, tomo, outcome.particles, classes)
             outcome.files += write_preview_for(out_dir, tomo, outcome.particles, particle_rows(tomo, outcome.particles))

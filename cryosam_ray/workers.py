@@ -21,9 +21,9 @@ from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.encoders import build_encoder
 from cryosam_ray.feature_store import FeatureStore
 from cryosam_ray.features import encode_shard, feature_key, slice_shape
-from cryosam_ray.matching import Proposals, SimilarityField, hierarchical_match, naive_match
-from cryosam_ray.pipeline import (ClassQuery, Particle, QueryPart, find_particles, particle_rows, query_parts,
-                                  resolve_classes, score_particles, segment_prompts, write_tomogram_outputs)
+from cryosam_ray.matching import Proposals
+from cryosam_ray.pipeline import (ClassQuery, Particle, QueryPart, match_classes, particle_rows, particles_of_tomogram,
+                                  query_parts, segment_prompts, write_tomogram_outputs)
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.tables import Point
 from cryosam_ray.tomo_io import Tomogram, VolumeStats, open_tomogram
@@ -120,13 +120,7 @@ class SegmenterWorker:
         """All particles of one tomogram: its prompt particles (scored) and every class's matches."""
         tomo = self._tomograms.get(url, stats)
         volume = FeatureStore.open(group_url, mode="r").volume()
-        prompts = [p for p in prompts if p.cls in queries]
-        score_particles(volume, prompts, queries)
-        particles = list(prompts)
-        for cls, query in queries.items():
-            known = [p for p in prompts if p.cls == cls]
-            particles += find_particles(tomo, volume, query, proposals[cls], self.segmenter, self.cfg, known)
-        return resolve_classes(particles, tomo.shape, overlap=self.cfg.instances.overlap)
+        return particles_of_tomogram(tomo, volume, queries, proposals, prompts, self.segmenter, self.cfg)
 
 
 class EmbedderWorker:
@@ -168,22 +162,7 @@ def prompt_query_parts(group_url: str, particles: list[Particle]) -> list[QueryP
 
 def match_tomogram(group_url: str, queries: dict[str, ClassQuery], cfg: CryoSamConfig) -> dict[str, Proposals]:
     """Proposals of every class on one tomogram, reading its features from the store."""
-    volume = FeatureStore.open(group_url, mode="r").volume()
-    m = cfg.matching
-    classes = sorted(queries)
-    out = {}
-    if m.method == "naive":
-        for cls in classes:
-            q = queries[cls]
-            out[cls] = naive_match(volume, q.vector, tau_sim=m.tau_sim, nms_radius=m.nms_radius or q.radius,
-                                   top_k=m.top_k)
-        return out
-    # One streamed pass over the stored maps for all classes; never the whole store in memory at once.
-    field = SimilarityField(volume, [queries[c].vector for c in classes])
-    for index, cls in enumerate(classes):
-        out[cls] = hierarchical_match(field, query=index, ratios=m.ratios, tau_sim=m.tau_sim, dilate=m.dilate,
-                                      nms_radius=m.nms_radius or queries[cls].radius, top_k=m.top_k)
-    return out
+    return match_classes(FeatureStore.open(group_url, mode="r").volume(), queries, cfg)
 
 
 def finish_tomogram(url: str, stats: VolumeStats, particles: list[Particle], classes: list[str], out_dir: str,

@@ -169,7 +169,7 @@ def test_tiny_dinov2_and_sam_on_ray(cluster, tmp_path):
                 "--set", "segmenter.sam.min_pred_iou=-1", "--set", "propagation.directions=z",
                 "--set", "propagation.max_steps=2", "--set", "encoder.backend=dinov2",
                 "--set", f"encoder.dinov2.model={dinov2}", "--set", "encoder.dinov2.image_size=98",
-                "--set", "matching.top_k=2", "--set", "matching.tau_sim=-1", "--set", "instances.min_similarity=-1",
+                "--set", "matching.top_k=2", "--set", "matching.tau_sim=null", "--set", "instances.min_score=null",
                 "--set", f"segmenter.sam.embedding_store={tmp_path / 'embeddings'}",
                 "--set", "ray.embedders.num_cpus=0.25")
     manifest = _manifest(out)

@@ -57,8 +57,8 @@ def test_run_with_dinov2_and_sam(tiny):
                  "--out", str(out), "--address", "none", *SAM_FLAGS, "--set", f"segmenter.sam.checkpoint={sam}",
                  "--set", "encoder.backend=dinov2", "--set", f"encoder.dinov2.model={dinov2}",
                  "--set", "encoder.dinov2.image_size=98", "--set", "encoder.dinov2.device=cpu",
-                 "--set", "matching.top_k=3", "--set", "matching.tau_sim=-1", "--set", "instances.batch=3",
-                 "--set", "instances.min_similarity=-1"])
+                 "--set", "matching.top_k=3", "--set", "matching.tau_sim=null", "--set", "instances.batch=3",
+                 "--set", "instances.min_score=null"])
     manifest = json.loads((out / "run.json").read_text())
     assert code == 0 and manifest["tomograms"]["TS_01"]["status"] == "done", manifest["tomograms"]
     assert manifest["config"]["encoder"]["backend"] == "dinov2"

@@ -1,6 +1,7 @@
 """Slice encoder backends, built by name from config.
 
-``filterbank``: weight-free, the default. ``dinov2``: DINOv2 through transformers, from a local
+``filterbank``: weight-free, the default. ``rings``: weight-free ring profiles and blobs for
+small particles (see :mod:`cryosam_ray.encoders.rings`). ``dinov2``: DINOv2 through transformers, from a local
 folder, an s3:// URL or a hub id the user names.
 """
 
@@ -17,13 +18,19 @@ def _build_filterbank(cfg):
     return FilterBankEncoder(**cfg.filterbank.model_dump())
 
 
+def _build_rings(cfg):
+    from cryosam_ray.encoders.rings import RingEncoder
+
+    return RingEncoder(**cfg.rings.model_dump())
+
+
 def _build_dinov2(cfg):
     from cryosam_ray.encoders.dinov2 import Dinov2Encoder
 
     return Dinov2Encoder(**cfg.dinov2.model_dump())
 
 
-ENCODERS = {"filterbank": _build_filterbank, "dinov2": _build_dinov2}
+ENCODERS = {"filterbank": _build_filterbank, "rings": _build_rings, "dinov2": _build_dinov2}
 
 
 def build_encoder(cfg) -> SliceEncoder:

@@ -31,6 +31,8 @@ class SliceRequest:
         prev_offset: (row, col) of ``prev_mask``'s top-left corner in the slice.
         state: backend-specific state returned with the previous prediction (for SAM the
             previous low-resolution logits; for the classical backend the particle's polarity).
+        radius: expected particle radius in pixels (from the prompt instances), or None when
+            unknown (the prompts themselves); backends size windows and cap areas from it.
     """
 
     axis: int
@@ -39,6 +41,14 @@ class SliceRequest:
     prev_mask: np.ndarray | None = None
     prev_offset: tuple[int, int] = (0, 0)
     state: Any = None
+    radius: float | None = None
+
+
+def area_cap(radius: float | None) -> float:
+    """Largest plausible slice mask, pixels, of a particle of ``radius`` (inf when unknown): a
+    disc of twice the radius, room for elongation by the missing wedge and for elongated
+    particles, while a mask leaking along a membrane or into a neighbour grows past it."""
+    return float("inf") if radius is None else float(np.pi * (2.0 * radius) ** 2)
 
 
 @dataclass

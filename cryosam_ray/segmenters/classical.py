@@ -19,16 +19,27 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
-from cryosam_ray.segmenters.base import SlicePrediction, SliceRequest
+from cryosam_ray.segmenters.base import SlicePrediction, SliceRequest, area_cap
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _FrontState:
-    """What a front carries between slices: +1 if the particle is brighter than background."""
+    """What a front carries between slices: +1 if the particle is brighter than background, the
+    particle's radius in pixels (given or estimated at the seed) and the slices walked."""
 
     sign: float
+    radius: float
+    steps: int = 0
+
+
+_LOG_SIGMAS = 2.0 ** np.arange(0, 3.75, 0.25)  # 1 .. 13 pixels: blob radii ~1.4 .. 18 pixels
+_MIN_HALF_WINDOW = 8
+_STEPS_PER_RADIUS = 2.5  # a front walks at most this many radii from its seed (the missing wedge
+# stretches particles along z, up to ~2x): beyond it the mask is a membrane or a neighbour
+_SPLIT_STEPS = (0.15, 0.3)
+_REACH_RADII = 2.5  # threshold raised by these fractions to split an oversized region
 
 
 class ClassicalSegmenter:
@@ -88,10 +99,11 @@ class ClassicalSegmenter:
             self._cache.popitem(last=False)
         return image
 
-    def _window_bounds(self, req: SliceRequest, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    def _window_bounds(self, req: SliceRequest, shape: tuple[int, int],
+                       radius: float | None) -> tuple[int, int, int, int]:
         if req.prev_mask is None:
             r, c = req.point
-            half = self.window
+            half = self.window if radius is None else max(_MIN_HALF_WINDOW, int(np.ceil(3 * radius)))
             r0, c0, r1, c1 = r - half, c - half, r + half + 1, c + half + 1
         else:
             rows, cols = np.nonzero(req.prev_mask)
@@ -103,8 +115,14 @@ class ClassicalSegmenter:
         return max(0, r0), max(0, c0), min(shape[0], r1), min(shape[1], c1)
 
     def _predict_one(self, req: SliceRequest) -> SlicePrediction | None:
+        state = req.state if isinstance(req.state, _FrontState) else None
+        radius = state.radius if state is not None else req.radius
+        if radius is None:
+            radius = self._seed_radius(req)
+        if state is not None and state.steps >= _STEPS_PER_RADIUS * radius:
+            return None
         image = self._smoothed(req.axis, req.index)
-        r0, c0, r1, c1 = self._window_bounds(req, image.shape)
+        r0, c0, r1, c1 = self._window_bounds(req, image.shape, radius)
         win = image[r0:r1, c0:c1]
         pr, pc = req.point[0] - r0, req.point[1] - c0
         if not (0 <= pr < win.shape[0] and 0 <= pc < win.shape[1]):
@@ -119,12 +137,18 @@ class ClassicalSegmenter:
         fg, bg = self._levels(signed, pr, pc, prev)
         if (fg - bg) < self.min_contrast * self._noise * (0.5 if prev is not None else 1.0):
             return None
-        threshold = bg + self.threshold_fraction * (fg - bg)
-        mask = self._region(signed > threshold, pr, pc, prev)
+        cap = min(self.max_area_fraction * win.size, area_cap(radius))
+        reach = _reach(win.shape, (pr, pc) if prev is None else ndimage.center_of_mass(prev), radius)
+        for fraction in (self.threshold_fraction, *(self.threshold_fraction + d for d in _SPLIT_STEPS)):
+            # Too big: touching neighbours or a membrane joined at this level; a higher cut splits them.
+            threshold = bg + fraction * (fg - bg)
+            mask = self._region((signed > threshold) & reach, pr, pc, prev)
+            if mask is None or mask.sum() <= cap:
+                break
         if mask is None:
             return None
         area = int(mask.sum())
-        if area < self.min_area or area > self.max_area_fraction * mask.size:
+        if area < self.min_area or area > cap:
             return None
         delta = 0.1 * (fg - bg)
         stability = _iou(self._region(signed > threshold + delta, pr, pc, prev, fallback=mask),
@@ -134,8 +158,26 @@ class ClassicalSegmenter:
         interior = ndimage.distance_transform_edt(mask)
         contrast = expit((signed - threshold) / max(delta, 1e-6))
         confidence = (contrast * (0.5 + 0.5 * interior / max(float(interior.max()), 1.0))).astype(np.float32)
+        steps = state.steps + 1 if state is not None else 0
         return SlicePrediction(mask=mask, offset=(r0, c0), confidence=confidence, pred_iou=float(stability),
-                               state=_FrontState(sign))
+                               state=_FrontState(sign, float(radius), steps))
+
+    def _seed_radius(self, req: SliceRequest) -> float:
+        """Radius in pixels of the blob under a seed prompt: the scale of the strongest
+        scale-normalised Laplacian-of-Gaussian response at the point (either polarity),
+        radius = sigma * sqrt(2), measured on the z slice through the point whatever the
+        request's axis (the missing wedge stretches particles along z in the other two)."""
+        tomo = self._tomogram
+        zyx = list(req.point)
+        zyx.insert(req.axis, req.index)
+        image = tomo.normalize(tomo.slice(0, int(zyx[0])))
+        half = int(np.ceil(3 * _LOG_SIGMAS[-1]))
+        r, c = int(zyx[1]), int(zyx[2])
+        r0, c0 = max(0, r - half), max(0, c - half)
+        win = image[r0:r + half + 1, c0:c + half + 1]
+        responses = [abs(s * s * ndimage.gaussian_laplace(win, s, mode="reflect")[r - r0, c - c0])
+                     for s in _LOG_SIGMAS]
+        return float(_LOG_SIGMAS[int(np.argmax(responses))] * np.sqrt(2))
 
     def _sign(self, req, win, pr, pc, prev) -> float | None:
         if self.polarity != "auto":
@@ -188,6 +230,13 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     for border in (background[0], background[-1], background[:, 0], background[:, -1]):
         edge[border] = True
     return mask | ~edge[background]
+
+
+def _reach(shape: tuple[int, int], centre, radius: float) -> np.ndarray:
+    """Pixels within ``_REACH_RADII`` radii of ``centre``: a mask running along a membrane or
+    into the next particle is cut there (elongated particles reach ~2.4 equivalent radii)."""
+    rr, cc = np.ogrid[:shape[0], :shape[1]]
+    return (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= (_REACH_RADII * radius) ** 2
 
 
 def _disk_mean(image: np.ndarray, r: int, c: int, radius: int) -> float:

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from cryosam_ray.embedding_store import EmbeddingStore, signature, tomogram_fingerprint
 from cryosam_ray.errors import PromptError, WeightsError
-from cryosam_ray.segmenters.base import SegmenterInfo, SlicePrediction, SliceRequest
+from cryosam_ray.segmenters.base import SegmenterInfo, SlicePrediction, SliceRequest, area_cap
 from cryosam_ray.weights import file_fingerprint, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -435,12 +435,22 @@ class SamSegmenter:
         areas = (logits > self.sam.mask_threshold).sum(dim=(1, 2)).cpu().numpy()
         scores = iou[cands].float().cpu().numpy()
         ok = (areas >= max(1, self.min_area)) & (scores > self.min_pred_iou)
-        if self.max_area is not None:
-            ok &= areas <= self.max_area
+        cap = min(self.max_area or np.inf, area_cap(request.radius))
+        ok &= areas <= cap
         if not ok.any():
             return None
-        best = int(np.flatnonzero(ok)[np.argmax(scores[ok])])
-        mask = (logits[best] > self.sam.mask_threshold).cpu().numpy()
+        masks = (logits > self.sam.mask_threshold).cpu().numpy()
+        rank = scores.astype(np.float64)
+        if request.prev_mask is not None and len(cands) > 1:
+            # Of several candidates, the one continuing the previous slice's mask (SAM's
+            # multimask outputs are part / whole / whole-plus-surroundings).
+            prev = np.zeros((h, w), bool)
+            r, c = request.prev_offset
+            prev[r:r + request.prev_mask.shape[0], c:c + request.prev_mask.shape[1]] = request.prev_mask
+            inter = (masks & prev[None]).sum(axis=(1, 2))
+            rank = inter / np.maximum((masks | prev[None]).sum(axis=(1, 2)), 1) + 1e-3 * rank
+        best = int(np.flatnonzero(ok)[np.argmax(rank[ok])])
+        mask = masks[best]
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         m = self.window_margin
         r0, r1 = max(0, rows[0] - m), min(h, rows[-1] + 1 + m)
