@@ -22,8 +22,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from cryosam_ray.ranking import (RECALL_MULTIPLES, GroupRanking, RankingReport, RankingScores, greedy_match,
-                                 score_ranks, summarise)
+from cryosam_ray.ranking import (RECALL_MULTIPLES, GroupRanking, RankingReport, RankingScores, as_points,
+                                 greedy_match, score_ranks, summarise)
 from cryosam_ray.tables import angstrom_to_voxels, validate_picks, validate_truth
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,8 @@ def match_points(pred_zyx: np.ndarray, truth_zyx: np.ndarray, max_dist) -> list[
     Raises:
         ValueError: wrong shapes, non-finite coordinates or negative thresholds.
     """
-    pred = _points(pred_zyx, "pred_zyx")
-    truth = _points(truth_zyx, "truth_zyx")
+    pred = as_points(pred_zyx, "pred_zyx")
+    truth = as_points(truth_zyx, "truth_zyx")
     n, m = len(pred), len(truth)
     try:
         radius = np.broadcast_to(np.asarray(max_dist, dtype=np.float64), (m,))
@@ -371,17 +371,6 @@ def _angstrom_threshold(distance_a, truth_vs, pick_vs, key) -> np.ndarray:
         raise ValueError(f"distance_a needs a voxel size for tomogram {key[0]!r}: the truth has no "
                          "voxel_size_a column (or it is empty) and its picks have no valid voxel_size_a")
     return angstrom_to_voxels(distance_a, vs)
-
-
-def _points(values, name: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 3)
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (N, 3) (z, y, x), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} has non-finite coordinates")
-    return arr
 
 
 def _compact_labels(labels: np.ndarray, name: str) -> tuple[np.ndarray, int]:

@@ -57,7 +57,7 @@ def greedy_match(pred_zyx, truth_zyx, max_dist) -> np.ndarray:
     Raises:
         ValueError: wrong shapes, non-finite coordinates or negative thresholds.
     """
-    pred, truth = _points(pred_zyx, "pred_zyx"), _points(truth_zyx, "truth_zyx")
+    pred, truth = as_points(pred_zyx, "pred_zyx"), as_points(truth_zyx, "truth_zyx")
     n, m = len(pred), len(truth)
     try:
         radius = np.broadcast_to(np.asarray(max_dist, dtype=np.float64), (m,))
@@ -196,7 +196,8 @@ def _sum_found(items) -> dict[int, int]:
     return {m: sum(item.found[m] for item in items) for m in RECALL_MULTIPLES}
 
 
-def _points(values, name: str) -> np.ndarray:
+def as_points(values, name: str) -> np.ndarray:
+    """``values`` as (N, 3) float64 ZYX points; ValueError naming ``name`` if not finite points."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         return arr.reshape(0, 3)

@@ -17,24 +17,16 @@ from scipy import ndimage
 _FIT_SLICES_PER_AXIS = 6
 
 
-class FilterBankEncoder:
-    """Multi-scale Gaussian filter-bank features with the slice-encoder interface.
+class StandardisedFilterEncoder:
+    """What the weight-free encoders share: responses of fixed filters pooled onto a token grid
+    (``stride`` pixels per token) and standardised per channel with statistics fitted once per
+    tomogram. A subclass sets ``stride`` and ``feature_dim`` and implements ``_responses``:
+    (N, A, B) slices -> (N, h, w, C) raw token responses."""
 
-    Args:
-        sigmas: Gaussian scales in pixels.
-        stride: pixels per token along each slice axis (token grid = ceil(A / stride) x ceil(B / stride)).
-    """
+    stride: int
+    feature_dim: int
 
-    name = "filterbank"
-
-    def __init__(self, *, sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0), stride: int = 4):
-        if not sigmas or min(sigmas) <= 0:
-            raise ValueError(f"sigmas must be positive scales in pixels, got {sigmas!r}")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1 pixel, got {stride}")
-        self.sigmas = tuple(float(s) for s in sigmas)
-        self.stride = int(stride)
-        self.feature_dim = 4 * len(self.sigmas)
+    def _reset_statistics(self) -> None:
         self._mean = np.zeros(self.feature_dim, np.float32)
         self._std = np.ones(self.feature_dim, np.float32)
 
@@ -43,8 +35,7 @@ class FilterBankEncoder:
 
     def fit(self, tomogram) -> None:
         """Per-channel mean / std from a few evenly spaced slices along each axis."""
-        self._mean = np.zeros(self.feature_dim, np.float32)
-        self._std = np.ones(self.feature_dim, np.float32)
+        self._reset_statistics()
         samples = []
         for axis in range(3):
             n = tomogram.shape[axis]
@@ -62,6 +53,30 @@ class FilterBankEncoder:
             raise ValueError(f"expected (N, A, B) slices, got shape {slices.shape}")
         return (self._responses(slices) - self._mean) / self._std
 
+    def _responses(self, slices: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FilterBankEncoder(StandardisedFilterEncoder):
+    """Multi-scale Gaussian filter-bank features with the slice-encoder interface.
+
+    Args:
+        sigmas: Gaussian scales in pixels.
+        stride: pixels per token along each slice axis (token grid = ceil(A / stride) x ceil(B / stride)).
+    """
+
+    name = "filterbank"
+
+    def __init__(self, *, sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0), stride: int = 4):
+        if not sigmas or min(sigmas) <= 0:
+            raise ValueError(f"sigmas must be positive scales in pixels, got {sigmas!r}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1 pixel, got {stride}")
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self.stride = int(stride)
+        self.feature_dim = 4 * len(self.sigmas)
+        self._reset_statistics()
+
     def signature(self) -> dict:
         return {"encoder": self.name, "sigmas": list(self.sigmas), "stride": self.stride, "version": 1}
 
@@ -76,10 +91,10 @@ class FilterBankEncoder:
             half_trace = 0.5 * (d[(2, 0)] + d[(0, 2)])
             root = np.sqrt(0.25 * (d[(2, 0)] - d[(0, 2)]) ** 2 + d[(1, 1)] ** 2)
             channels += [d[(0, 0)], grad, s * s * (half_trace - root), s * s * (half_trace + root)]
-        return _pool(np.stack(channels, axis=-1), self.stride)
+        return pool_tokens(np.stack(channels, axis=-1), self.stride)
 
 
-def _pool(maps: np.ndarray, stride: int) -> np.ndarray:
+def pool_tokens(maps: np.ndarray, stride: int) -> np.ndarray:
     """(N, A, B, C) -> (N, ceil(A/stride), ceil(B/stride), C) block means (edge-padded)."""
     if stride == 1:
         return maps.astype(np.float32)

@@ -27,12 +27,13 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-_FIT_SLICES_PER_AXIS = 6
+from cryosam_ray.encoders.filterbank import StandardisedFilterEncoder, pool_tokens
+
 DEFAULT_RING_RADII = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 DEFAULT_SIGMAS = (1.5, 2.5, 4.0, 6.0)
 
 
-class RingEncoder:
+class RingEncoder(StandardisedFilterEncoder):
     """Ring-profile and blob features with the slice-encoder interface.
 
     Args:
@@ -58,32 +59,7 @@ class RingEncoder:
         self.stride = int(stride)
         self.feature_dim = len(self.ring_radii) + len(self.sigmas)
         self._rings = np.stack(_ring_kernels(self.ring_radii)) if self.ring_radii else None
-        self._mean = np.zeros(self.feature_dim, np.float32)
-        self._std = np.ones(self.feature_dim, np.float32)
-
-    def token_grid(self, slice_shape: tuple[int, int]) -> tuple[int, int]:
-        return math.ceil(slice_shape[0] / self.stride), math.ceil(slice_shape[1] / self.stride)
-
-    def fit(self, tomogram) -> None:
-        """Per-channel mean / std from a few evenly spaced slices along each axis."""
-        self._mean = np.zeros(self.feature_dim, np.float32)
-        self._std = np.ones(self.feature_dim, np.float32)
-        samples = []
-        for axis in range(3):
-            n = tomogram.shape[axis]
-            for index in np.linspace(0, n - 1, min(n, _FIT_SLICES_PER_AXIS)).round().astype(int):
-                image = tomogram.normalize(tomogram.slice(axis, int(index)))
-                samples.append(self._responses(image[None]).reshape(-1, self.feature_dim))
-        stacked = np.concatenate(samples)
-        self._mean = stacked.mean(axis=0).astype(np.float32)
-        self._std = np.maximum(stacked.std(axis=0), 1e-6).astype(np.float32)
-
-    def encode(self, slices: np.ndarray) -> np.ndarray:
-        """(N, A, B) float32 normalised slices -> (N, h, w, C) float32 standardised token features."""
-        slices = np.asarray(slices, dtype=np.float32)
-        if slices.ndim != 3:
-            raise ValueError(f"expected (N, A, B) slices, got shape {slices.shape}")
-        return (self._responses(slices) - self._mean) / self._std
+        self._reset_statistics()
 
     def signature(self) -> dict:
         return {"encoder": self.name, "sigmas": list(self.sigmas), "ring_radii": list(self.ring_radii),
@@ -100,7 +76,7 @@ class RingEncoder:
             lap = (ndimage.gaussian_filter(slices, sig, order=(0, 2, 0), mode="reflect")
                    + ndimage.gaussian_filter(slices, sig, order=(0, 0, 2), mode="reflect"))
             channels.append(-s * s * lap)  # positive on a bright blob; a dark one gives the mirror profile
-        return _pool(np.stack(channels, axis=-1), self.stride)
+        return pool_tokens(np.stack(channels, axis=-1), self.stride)
 
 
 def _ring_kernels(radii: tuple[float, ...]) -> list[np.ndarray]:
@@ -128,15 +104,3 @@ def _convolve_same(slices: np.ndarray, kernels: np.ndarray) -> list[np.ndarray]:
         full = scipy.fft.irfft2(spectrum * ks[None], s=size, workers=-1)
         out.append(full[:, 2 * half:2 * half + a, 2 * half:2 * half + b].astype(np.float32))
     return out
-
-
-def _pool(maps: np.ndarray, stride: int) -> np.ndarray:
-    """(N, A, B, C) -> (N, ceil(A/stride), ceil(B/stride), C) block means (edge-padded)."""
-    if stride == 1:
-        return maps.astype(np.float32)
-    n, a, b, c = maps.shape
-    pa, pb = (-a) % stride, (-b) % stride
-    if pa or pb:
-        maps = np.pad(maps, ((0, 0), (0, pa), (0, pb), (0, 0)), mode="edge")
-    h, w = maps.shape[1] // stride, maps.shape[2] // stride
-    return maps.reshape(n, h, stride, w, stride, c).mean(axis=(2, 4)).astype(np.float32)
