@@ -65,6 +65,20 @@ class FeatureVolume:
         self.shape = tuple(int(s) for s in shape)
         self.axes = axes
         self.channels = int(axes[0].maps.shape[-1])
+        self._mean: np.ndarray | None = None
+
+    def mean_feature(self, *, samples: int = 32768) -> np.ndarray:
+        """(3C,) float64 mean voxel feature of the tomogram, from a regular grid of about
+        ``samples`` voxels: deterministic, so every worker computes the same; computed once."""
+        if self._mean is None:
+            step = max(1.0, (float(np.prod(self.shape)) / samples) ** (1 / 3))
+            axes = [np.arange(step / 2, s, step) for s in self.shape]
+            grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+            total = np.zeros(3 * self.channels, np.float64)
+            for chunk in np.array_split(grid, len(grid) // 65536 + 1):
+                total += self.sample(chunk).sum(axis=0, dtype=np.float64)
+            self._mean = total / len(grid)
+        return self._mean
 
     def load(self) -> "FeatureVolume":
         """A copy with every map stack in memory as float32 (token resolution: small)."""

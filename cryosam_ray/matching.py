@@ -117,18 +117,6 @@ class _AxisField:
 SIMILARITIES = ("cosine", "projection")
 
 
-def background_feature(volume: FeatureVolume, *, samples: int = 32768) -> np.ndarray:
-    """(3C,) float64 mean voxel feature of a tomogram, from a regular grid of about ``samples``
-    voxels (deterministic: every worker computes the same)."""
-    step = max(1.0, (float(np.prod(volume.shape)) / samples) ** (1 / 3))
-    axes = [np.arange(step / 2, s, step) for s in volume.shape]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    total = np.zeros(3 * volume.channels, np.float64)
-    for chunk in np.array_split(grid, len(grid) // 65536 + 1):
-        total += volume.sample(chunk).sum(axis=0, dtype=np.float64)
-    return total / len(grid)
-
-
 class SimilarityField:
     """Exact similarity of queries with voxel features, anywhere, from token-level terms.
 
@@ -149,7 +137,7 @@ class SimilarityField:
         self.offset = np.zeros(len(queries))
         self.scale = np.ones(len(queries))
         if similarity == "projection":
-            mean = background_feature(volume)
+            mean = volume.mean_feature()
             backgrounds = mean[None] if backgrounds is None else np.atleast_2d(backgrounds)
             queries = queries - backgrounds  # the direction from background to the query
             self.scale = np.maximum(np.einsum("qc,qc->q", queries, queries), 1e-12)
@@ -259,7 +247,7 @@ def naive_match(volume: FeatureVolume, query_vec: np.ndarray, *, tau_sim: float 
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    mean = background_feature(volume) if similarity == "projection" else None
+    mean = volume.mean_feature() if similarity == "projection" else None
     volume = volume.load()
     q = np.asarray(query_vec, np.float64)
     if similarity == "projection":

@@ -27,8 +27,7 @@ import numpy as np
 
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.features import FeatureVolume
-from cryosam_ray.matching import (Proposals, SimilarityField, auto_ratios, background_feature, hierarchical_match,
-                                  naive_match, query_feature)
+from cryosam_ray.matching import Proposals, SimilarityField, auto_ratios, hierarchical_match, naive_match, query_feature
 from cryosam_ray.propagation import Instance, propagate
 from cryosam_ray.segment import label_volume
 from cryosam_ray.tables import Point
@@ -121,7 +120,7 @@ class QueryPart:
 def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryPart]:
     """Per class, the sum of voxel features over this tomogram's prompt particles."""
     parts: dict[str, QueryPart] = {}
-    background = background_feature(volume) if particles else None
+    background = volume.mean_feature() if particles else None
     for particle in particles:
         vox = particle.voxels()
         total = query_feature(volume, [vox]).astype(np.float64) * len(vox)
@@ -155,7 +154,7 @@ def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
 def score_particles(volume: FeatureVolume, particles: list[Particle], queries: dict[str, ClassQuery],
                     similarity: str = "projection") -> None:
     """Set each particle's ``instance_similarity`` and ``score`` (see :class:`Particle`)."""
-    mean = background_feature(volume) if similarity == "projection" and particles else None
+    mean = volume.mean_feature() if similarity == "projection" and particles else None
     for particle in particles:
         query = queries[particle.cls]
         feature = query_feature(volume, [particle.voxels()]).astype(np.float64)

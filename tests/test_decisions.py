@@ -9,7 +9,7 @@ import pytest
 from cryosam_ray.config import load_config
 from cryosam_ray.encoders.rings import RingEncoder
 from cryosam_ray.features import compute_features
-from cryosam_ray.matching import SimilarityField, auto_ratios, background_feature, naive_match
+from cryosam_ray.matching import SimilarityField, auto_ratios, naive_match
 from cryosam_ray.pipeline import ClassQuery, Particle, find_particles, score_cut
 from cryosam_ray.propagation import Instance
 from cryosam_ray.segmenters.base import SlicePrediction
@@ -52,7 +52,7 @@ def test_projection_field_is_exact_and_prompt_scores_one(scene):
     row = synth.truth[0]
     voxels = np.argwhere(synth.labels == row["instance_id"])
     query = volume.sample(voxels).mean(axis=0)
-    mean = background_feature(volume)
+    mean = volume.mean_feature()
     field = SimilarityField(volume, query[None], similarity="projection")
     pts = np.random.default_rng(0).uniform(0, np.array(tomo.shape) - 1, size=(500, 3))
     direction = query - mean
@@ -112,7 +112,7 @@ def test_a_rejected_leaky_mask_does_not_hide_its_neighbour(scene):
 
     proposals = Proposals(zyx=np.array([leak, neighbour], float), similarity=np.array([0.9, 0.8]))
     prompt = Instance(prompt=(0, 0, 0), bbox=(0, 0, 0, 5, 5, 5), mask=np.ones((5, 5, 5), bool))
-    query = ClassQuery("ribosome", volume.sample(np.argwhere(prompt.mask)).mean(0), background_feature(volume),
+    query = ClassQuery("ribosome", volume.sample(np.argwhere(prompt.mask)).mean(0), volume.mean_feature(),
                        float(prompt.voxel_count), 2.5)
     found = find_particles(tomo, volume, query, proposals, _ScriptedSegmenter(leak), cfg,
                            [Particle("ribosome", prompt, "prompt")])
