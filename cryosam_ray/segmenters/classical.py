@@ -27,14 +27,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _FrontState:
     """What a front carries between slices: +1 if the particle is brighter than background, the
-    particle's radius in pixels (given or estimated at the seed) and the slices walked."""
+    expected particle radius in pixels (None: no size prior) and the slices walked."""
 
     sign: float
-    radius: float
+    radius: float | None
     steps: int = 0
 
 
-_LOG_SIGMAS = 2.0 ** np.arange(0, 3.75, 0.25)  # 1 .. 13 pixels: blob radii ~1.4 .. 18 pixels
 _MIN_HALF_WINDOW = 8
 _STEPS_PER_RADIUS = 2.5  # a front walks at most this many radii from its seed (the missing wedge
 # stretches particles along z, up to ~2x): beyond it the mask is a membrane or a neighbour
@@ -116,10 +115,11 @@ class ClassicalSegmenter:
 
     def _predict_one(self, req: SliceRequest) -> SlicePrediction | None:
         state = req.state if isinstance(req.state, _FrontState) else None
+        # The size prior (the prompts' radius, propagation.size_prior) sizes the window, caps the
+        # area, limits the reach and the front's length; without one (the prompts themselves)
+        # the plain threshold-and-connect rules apply, which segment elongated particles whole.
         radius = state.radius if state is not None else req.radius
-        if radius is None:
-            radius = self._seed_radius(req)
-        if state is not None and state.steps >= _STEPS_PER_RADIUS * radius:
+        if radius is not None and state is not None and state.steps >= _STEPS_PER_RADIUS * radius:
             return None
         image = self._smoothed(req.axis, req.index)
         r0, c0, r1, c1 = self._window_bounds(req, image.shape, radius)
@@ -138,8 +138,10 @@ class ClassicalSegmenter:
         if (fg - bg) < self.min_contrast * self._noise * (0.5 if prev is not None else 1.0):
             return None
         cap = min(self.max_area_fraction * win.size, area_cap(radius))
-        reach = _reach(win.shape, (pr, pc) if prev is None else ndimage.center_of_mass(prev), radius)
-        for fraction in (self.threshold_fraction, *(self.threshold_fraction + d for d in _SPLIT_STEPS)):
+        reach = True if radius is None else _reach(win.shape, (pr, pc) if prev is None else
+                                                    ndimage.center_of_mass(prev), radius)
+        splits = _SPLIT_STEPS if radius is not None else ()
+        for fraction in (self.threshold_fraction, *(self.threshold_fraction + d for d in splits)):
             # Too big: touching neighbours or a membrane joined at this level; a higher cut splits them.
             threshold = bg + fraction * (fg - bg)
             mask = self._region((signed > threshold) & reach, pr, pc, prev)
@@ -160,24 +162,7 @@ class ClassicalSegmenter:
         confidence = (contrast * (0.5 + 0.5 * interior / max(float(interior.max()), 1.0))).astype(np.float32)
         steps = state.steps + 1 if state is not None else 0
         return SlicePrediction(mask=mask, offset=(r0, c0), confidence=confidence, pred_iou=float(stability),
-                               state=_FrontState(sign, float(radius), steps))
-
-    def _seed_radius(self, req: SliceRequest) -> float:
-        """Radius in pixels of the blob under a seed prompt: the scale of the strongest
-        scale-normalised Laplacian-of-Gaussian response at the point (either polarity),
-        radius = sigma * sqrt(2), measured on the z slice through the point whatever the
-        request's axis (the missing wedge stretches particles along z in the other two)."""
-        tomo = self._tomogram
-        zyx = list(req.point)
-        zyx.insert(req.axis, req.index)
-        image = tomo.normalize(tomo.slice(0, int(zyx[0])))
-        half = int(np.ceil(3 * _LOG_SIGMAS[-1]))
-        r, c = int(zyx[1]), int(zyx[2])
-        r0, c0 = max(0, r - half), max(0, c - half)
-        win = image[r0:r + half + 1, c0:c + half + 1]
-        responses = [abs(s * s * ndimage.gaussian_laplace(win, s, mode="reflect")[r - r0, c - c0])
-                     for s in _LOG_SIGMAS]
-        return float(_LOG_SIGMAS[int(np.argmax(responses))] * np.sqrt(2))
+                               state=_FrontState(sign, radius, steps))
 
     def _sign(self, req, win, pr, pc, prev) -> float | None:
         if self.polarity != "auto":
