@@ -209,9 +209,25 @@ class InstancesConfig(_Section):
     max_size_ratio: float | None = Field(2.0, gt=0, description="Largest particle, relative to the prompt instances' "
                                          "median size (null: no limit).")
     min_score: float | Literal["auto"] | None = Field(
-        0.9, description="Smallest particle score (cosine: with the query; projection: prompt = 1); auto: the split "
-        "of the run's score distribution; null: keep every particle (the paper).")
+        "auto", description="Smallest particle score (in the units of density.score: density z units; features: "
+        "cosine with the query, or projection with prompt = 1); auto: the split (Otsu) of the run's score "
+        "distribution per class; null: keep every particle (the paper).")
     overlap: float = Field(0.3, gt=0, le=1, description="Masks sharing this fraction of the smaller one are one particle.")
+
+
+class DensityConfig(_Section):
+    """Density at the prompts' scale (see :mod:`cryosam_ray.density`): blob proposals and the
+    density score, weight-free and the same for any encoder. The paper uses neither."""
+
+    blobs: bool = Field(True, description="Add blobs at the prompts' scale (LoG at r / sqrt 3, the prompts' "
+                        "polarity) to each class's feature-matching proposals.")
+    score: Literal["density", "features"] = Field(
+        "density", description="What ranks, cuts and resolves particles: density (blob contrast + shell profile "
+        "against the prompts', robust z-scores over the candidates) or features (the query similarity).")
+    shells: int = Field(8, ge=2, description="Concentric shells of the profile.")
+    reach: float = Field(2.0, gt=0.5, description="Outer shell radius, in particle radii.")
+    pool: int = Field(2048, ge=16, description="Blob candidates per class and tomogram the score statistics and "
+                      "the best proposals are drawn from (the best matching.top_k are propagated).")
 
 
 class PoolConfig(_Section):
@@ -251,6 +267,7 @@ class CryoSamConfig(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     matching: MatchingConfig = Field(default_factory=MatchingConfig)
     instances: InstancesConfig = Field(default_factory=InstancesConfig)
+    density: DensityConfig = Field(default_factory=DensityConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

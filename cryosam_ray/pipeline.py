@@ -5,13 +5,14 @@ Stages (each a plain function, reused by the Ray wiring):
 1. :func:`segment_prompts`: each prompt's 3D instance (Cross-Plane Self-Prompting).
 2. :func:`build_queries`: one query per class, the masked average of voxel features over the
    class's prompt instances, wherever they lie in the dataset.
-3. :func:`match_classes` and :func:`find_particles`: per tomogram and class, Hierarchical
-   Feature Matching proposes points at the prompts' scale; they are propagated in batches,
-   best first, with the prompts' size as a prior; a proposal inside a particle already found is
-   skipped, overlapping masks are one particle, masks far from the prompts' size are rejected
-   (and claim no voxels), and each particle gets a ``score`` (its mean feature against the
-   query, prompt = 1). Particles under a cut calibrated from the run's score distribution are
-   dropped (:func:`score_cut`).
+3. :func:`match_classes`, :func:`density_proposals` and :func:`find_particles`: per tomogram
+   and class, Hierarchical Feature Matching proposes points at the prompts' scale; with the
+   density stage (default) blobs at that scale join them and all are ranked by their density
+   score (:mod:`cryosam_ray.density`). They are propagated in batches, best first; a proposal
+   inside a particle already found is skipped, overlapping masks are one particle, masks far
+   from the prompts' size are rejected (and claim no voxels), and each particle gets a
+   ``score``. Particles under a cut calibrated from the run's score distribution are dropped
+   (:func:`score_cut`), and one class keeps each physical particle (:func:`resolve_classes`).
 4. :func:`write_tomogram_outputs`: instance and semantic masks; the picks table is built from
    :func:`particle_rows` of all tomograms.
 """
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cryosam_ray.config import CryoSamConfig
+from cryosam_ray.density import DensityMap, DensityProfile, bin_factor, density_proposals
 from cryosam_ray.features import FeatureVolume
 from cryosam_ray.matching import Proposals, SimilarityField, auto_ratios, hierarchical_match, naive_match, query_feature
 from cryosam_ray.propagation import Instance, propagate
@@ -47,9 +48,15 @@ class Particle:
         similarity: the proposal's voxel similarity with the query (NaN for prompts).
         instance_similarity: the particle's mean feature against the class query, with the
             configured similarity (projection: prompt = 1, background = 0).
-        score: what particles are ranked and cut by: ``instance_similarity`` times the cosine
-            of the particle's direction from background with the query's (so a stronger particle
-            of another kind does not outrank), prompt = 1.
+        score: what particles are ranked, cut and resolved by. ``density.score: density``: the
+            density score of its proposal (:func:`cryosam_ray.density.density_scores`, robust
+            z units over the class's candidates on the tomogram). ``features``: with projection,
+            ``instance_similarity`` times the cosine of the particle's direction from background
+            with the query's, prompt = 1; with cosine, ``instance_similarity``.
+        class_score: what decides between classes claiming one particle: with the density score,
+            minus the distance of its shell profile to the class prompts' (NaN: ``score`` decides).
+        centre: (z, y, x) voxel position reported in the picks table (None: the mask's centroid;
+            with the density score, see :func:`place_by_density`).
     """
 
     cls: str
@@ -58,6 +65,9 @@ class Particle:
     similarity: float = math.nan
     instance_similarity: float = math.nan
     score: float = math.nan
+    class_score: float = math.nan
+    centre: tuple[float, float, float] | None = None
+    density: DensityProfile | None = None  # prompts only, when the density score or blobs are on
 
     def voxels(self) -> np.ndarray:
         """(M, 3) ZYX voxel coordinates of the mask."""
@@ -73,6 +83,8 @@ class ClassQuery:
         background: (3C,) mean voxel feature of the tomograms holding them (projection's origin).
         median_voxels: voxel count of the median prompt instance.
         radius: equivalent-sphere radius of the median prompt instance, voxels.
+        shells: (2S,) mean shell profile of the prompts (None without density profiles).
+        polarity: +1 dense is bright, -1 dense is dark (the prompts' majority).
     """
 
     cls: str
@@ -80,6 +92,8 @@ class ClassQuery:
     background: np.ndarray
     median_voxels: float
     radius: float
+    shells: np.ndarray | None = None
+    polarity: float = -1.0
 
 
 @dataclass
@@ -102,7 +116,25 @@ def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: Cry
     prop = cfg.propagation
     instances = propagate(segmenter, tomogram, coords, directions=prop.directions,
                           iou_threshold=prop.iou_threshold, max_steps=prop.max_steps)
-    return [Particle(p.cls, inst, "prompt") for p, inst in zip(points, instances) if not inst.empty]
+    particles = [Particle(p.cls, inst, "prompt") for p, inst in zip(points, instances) if not inst.empty]
+    if uses_density(cfg):
+        maps: dict[int, DensityMap] = {}
+        for particle in particles:
+            radius = equivalent_radius(particle.instance.voxel_count)
+            dmap = maps.setdefault(bin_factor(radius), DensityMap(tomogram, bin_factor(radius)))
+            particle.density = dmap.profile(np.asarray(particle.instance.prompt), particle.voxels(), radius,
+                                            count=cfg.density.shells, reach=cfg.density.reach)
+    return particles
+
+
+def uses_density(cfg: CryoSamConfig) -> bool:
+    """Whether the run needs the prompts' density profiles (blob proposals or the density score)."""
+    return cfg.density.blobs or cfg.density.score == "density"
+
+
+def equivalent_radius(voxels: float) -> float:
+    """Radius in voxels of a sphere of ``voxels`` voxels."""
+    return (3 * voxels / (4 * math.pi)) ** (1 / 3)
 
 
 @dataclass
@@ -115,6 +147,7 @@ class QueryPart:
     background_sum: np.ndarray  # (3C,) float64: the tomogram's mean feature x voxels
     voxels: int
     sizes: list[int]
+    profiles: list[DensityProfile] = field(default_factory=list)
 
 
 def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryPart]:
@@ -130,6 +163,8 @@ def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryP
         part.background_sum += background * len(vox)
         part.voxels += len(vox)
         part.sizes.append(particle.instance.voxel_count)
+        if particle.density is not None:
+            part.profiles.append(particle.density)
     return list(parts.values())
 
 
@@ -143,11 +178,15 @@ def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
         acc.background_sum += part.background_sum
         acc.voxels += part.voxels
         acc.sizes += part.sizes
+        acc.profiles += part.profiles
     queries = {}
     for cls, part in sorted(merged.items()):
         median = float(np.median(part.sizes))
-        queries[cls] = ClassQuery(cls, (part.feature_sum / part.voxels).astype(np.float32),
-                                  part.background_sum / part.voxels, median, (3 * median / (4 * math.pi)) ** (1 / 3))
+        profiles = part.profiles
+        queries[cls] = ClassQuery(
+            cls, (part.feature_sum / part.voxels).astype(np.float32), part.background_sum / part.voxels, median,
+            equivalent_radius(median), shells=np.mean([p.shells for p in profiles], axis=0) if profiles else None,
+            polarity=1.0 if sum(p.polarity for p in profiles) > 0 else -1.0)
     return queries
 
 
@@ -227,7 +266,8 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
             if claimed[z0:z1, y0:y1, x0:x1][inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
                 continue  # the same particle as one found before
             inst.paste(claimed, True)
-            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i])))
+            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i]),
+                                  class_score=math.nan if proposals.shape is None else float(proposals.shape[i])))
     score_particles(volume, found, {query.cls: query}, cfg.matching.similarity)
     log.info("%s: %d %s candidates from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
     return found
@@ -259,7 +299,8 @@ def keep_scored(particles: list[Particle], cfg: CryoSamConfig) -> list[Particle]
     kept = [p for p in particles if p.source == "prompt"]
     for cls in sorted({p.cls for p in particles}):
         matches = [p for p in particles if p.cls == cls and p.source != "prompt"]
-        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, cfg.matching.similarity)
+        kind = "density" if cfg.density.score == "density" else cfg.matching.similarity
+        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, kind)
         kept += [p for p in matches if p.score >= cut]
         log.info("%s: %d of %d candidates score >= %.3f", cls, sum(p.score >= cut for p in matches), len(matches), cut)
     return kept
@@ -272,19 +313,47 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
     above the run's cut, one class per physical particle. Both executors call this."""
     prompts = [p for p in prompts if p.cls in queries]
     score_particles(volume, prompts, queries, cfg.matching.similarity)
+    scorers = {}
+    if uses_density(cfg):
+        proposals, scorers = density_proposals(tomogram, queries, proposals, prompts, cfg)
     particles = list(prompts)
     for cls in sorted(queries):
         known = [p for p in prompts if p.cls == cls]
-        particles += find_particles(tomogram, volume, queries[cls], proposals[cls], segmenter, cfg, known)
+        found = find_particles(tomogram, volume, queries[cls], proposals[cls], segmenter, cfg, known)
+        if cls in scorers:
+            place_by_density(found, scorers[cls])
+        particles += found
     return resolve_classes(keep_scored(particles, cfg), tomogram.shape, overlap=cfg.instances.overlap)
+
+
+def place_by_density(found: list[Particle], scorer) -> None:
+    """Each particle's ``score`` and reported ``centre``: its mask's centroid or the proposal that
+    found it, whichever matches the class's prompts better (a mask merged with a touching
+    neighbour puts its centroid between the two; an elongated particle's proposal may sit off
+    its middle, where its centroid is)."""
+    if not found:
+        return
+    proposals = np.array([p.instance.prompt for p in found], np.float64)
+    centroids = np.array([p.instance.centroid for p in found], np.float64)
+    at_proposal, shape_at_proposal = scorer.score(proposals)
+    at_centroid, shape_at_centroid = scorer.score(centroids)
+    for i, particle in enumerate(found):
+        use_centroid = at_centroid[i] >= at_proposal[i]
+        particle.centre = tuple(float(v) for v in (centroids[i] if use_centroid else proposals[i]))
+        particle.score = float(max(at_centroid[i], at_proposal[i]))
+        particle.class_score = float(shape_at_centroid[i] if use_centroid else shape_at_proposal[i])
 
 
 def resolve_classes(particles: list[Particle], shape: tuple[int, int, int], *, overlap: float) -> list[Particle]:
     """One class per physical particle: where particles of different classes overlap (by at least
     ``overlap`` of the smaller), the prompt wins, else the best-matching class (highest
-    ``score``). Returns the survivors, prompts first, each group in input order."""
-    ranked = sorted(range(len(particles)), key=lambda i: (particles[i].source != "prompt",
-                                                            -np.nan_to_num(particles[i].score, nan=1.0)))
+    ``class_score`` where set, else ``score``). Returns the survivors, prompts first, each group
+    in input order."""
+    def rank(i: int):
+        p = particles[i]
+        return p.source != "prompt", -np.nan_to_num(p.score if math.isnan(p.class_score) else p.class_score, nan=1.0)
+
+    ranked = sorted(range(len(particles)), key=rank)
     owner = np.zeros(shape, np.int32)  # 1 + index of the accepted particle holding each voxel
     sizes = {}
     kept = []
@@ -307,7 +376,7 @@ def particle_rows(tomogram: Tomogram, particles: list[Particle]) -> list[dict]:
     """Picks-table rows (instance ids 1..N in the given order)."""
     rows = []
     for number, particle in enumerate(particles, start=1):
-        z, y, x = particle.instance.centroid
+        z, y, x = particle.centre or particle.instance.centroid
         rows.append({"tomogram": tomogram.name, "class": particle.cls, "instance_id": number, "z": z, "y": y, "x": x,
                      "voxel_size_a": tomogram.voxel_size_a, "voxel_count": particle.instance.voxel_count,
                      "score": particle.score, "similarity": particle.similarity,

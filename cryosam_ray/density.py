@@ -1,0 +1,299 @@
+"""The density around particles at the prompts' scale: blob proposals and shell descriptors.
+
+Weight-free and encoder-independent, so the decisions built on it hold for any encoder:
+
+- **Blobs** (:meth:`DensityMap.peaks`): local maxima of the scale-normalised Laplacian of
+  Gaussian at sigma = r / sqrt(3), the scale at which a solid ball of radius r responds most,
+  in the prompts' polarity (dense is dark in raw reconstructions). ``r`` is the prompt
+  instances' equivalent radius, so the detector is tuned by the prompts, never by a constant.
+- **Shells** (:meth:`DensityMap.shells`): the mean and the spread of the density on S
+  concentric shells out to ``reach`` radii around a point. Invariant to any 3D rotation of the
+  particle, and shell radii are fractions of r, so the profile of a prompt describes its kind
+  (a solid ball, a hollow barrel, an elongated dimer) at any voxel size.
+
+A candidate's **density score** (:func:`density_scores`) adds two robust z-scores over the
+candidate pool of its class and tomogram: how strongly it stands out at the prompts' scale
+(blob contrast), and how close its shells are to the prompts' (each shell in units of its
+spread over the pool). It needs no threshold fitted to one encoder or one dataset.
+
+For particles over 6 voxels in radius the density is block-averaged first (:func:`bin_factor`),
+so a descriptor costs about the same at any pixel size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage
+
+from cryosam_ray.matching import Proposals, nms
+
+if TYPE_CHECKING:  # the pipeline imports this module
+    from cryosam_ray.config import CryoSamConfig
+    from cryosam_ray.pipeline import ClassQuery, Particle
+
+_MAD_TO_STD = 1.4826
+
+
+def bin_factor(radius: float) -> int:
+    """Block size for particles of ``radius`` voxels: binned radius in [6, 12) (1 below 6)."""
+    return max(1, int(radius // 6))
+
+
+@dataclass
+class DensityProfile:
+    """What the density of one particle looks like at its own scale.
+
+    Attributes:
+        shells: (2S,) mean, then spread, of the standardised density on S shells out to ``reach``
+            radii, in the particle's polarity (dense is positive).
+        contrast: scale-normalised LoG response at the centre (positive: stands out).
+        polarity: +1 where dense is bright in the file, -1 where dense is dark.
+    """
+
+    shells: np.ndarray
+    contrast: float
+    polarity: float
+
+
+class DensityMap:
+    """A tomogram's standardised density, block-averaged ``bin`` x ``bin`` x ``bin`` (see
+    :func:`bin_factor`). Methods take coordinates and radii in voxels of the tomogram.
+
+    Args:
+        tomogram: the :class:`~cryosam_ray.tomo_io.Tomogram` (read whole, once).
+        bin: block size.
+    """
+
+    def __init__(self, tomogram, bin: int = 1):
+        self.bin = int(bin)
+        volume = tomogram.normalize(tomogram.read())
+        if self.bin > 1:
+            f = self.bin
+            d, h, w = (s // f * f for s in volume.shape)
+            volume = volume[:d, :h, :w].reshape(d // f, f, h // f, f, w // f, f).mean(axis=(1, 3, 5))
+        self.data = ((volume - volume.mean()) / max(float(volume.std()), 1e-6)).astype(np.float32)
+        self._blobs: dict[tuple[float, float], np.ndarray] = {}
+
+    def _to_binned(self, zyx: np.ndarray) -> np.ndarray:
+        return (np.asarray(zyx, np.float64).reshape(-1, 3) + 0.5) / self.bin - 0.5
+
+    def polarity(self, voxels: np.ndarray) -> float:
+        """+1 if the (M, 3) ZYX voxels are brighter than average (dense is bright), else -1."""
+        binned = np.clip(np.rint(self._to_binned(voxels)).astype(int), 0, np.asarray(self.data.shape) - 1)
+        return 1.0 if float(self.data[tuple(binned.T)].mean()) >= 0 else -1.0
+
+    def blob_response(self, radius: float, polarity: float) -> np.ndarray:
+        """(d, h, w) binned scale-normalised LoG at sigma = r / sqrt(3), positive on dense blobs."""
+        key = (round(float(radius), 3), float(polarity))
+        if key not in self._blobs:
+            sigma = radius / self.bin / math.sqrt(3)
+            self._blobs[key] = (-polarity * sigma ** 2) * ndimage.gaussian_laplace(self.data, sigma)
+        return self._blobs[key]
+
+    def contrast(self, zyx: np.ndarray, radius: float, polarity: float) -> np.ndarray:
+        """(N,) blob response at (N, 3) ZYX voxel coordinates (linear interpolation)."""
+        return ndimage.map_coordinates(self.blob_response(radius, polarity), self._to_binned(zyx).T, order=1,
+                                       mode="nearest")
+
+    def peaks(self, radius: float, polarity: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` strongest blobs at least a radius apart: ((K, 3) ZYX voxels, (K,) response)."""
+        response = self.blob_response(radius, polarity)
+        r = radius / self.bin
+        peaks = np.argwhere((response == ndimage.maximum_filter(response, size=max(3, int(round(r)) | 1)))
+                            & (response > 0))
+        values = response[tuple(peaks.T)]
+        keep = nms(peaks.astype(np.float64), values, radius=r, top_k=top_k)
+        return (peaks[keep] + 0.5) * self.bin - 0.5, values[keep]
+
+    def shells(self, zyx: np.ndarray, radius: float, polarity: float, *, count: int = 8,
+               reach: float = 2.0, chunk: int = 64) -> np.ndarray:
+        """(N, 2 * count) shell profiles around (N, 3) ZYX voxel coordinates (see module docstring),
+        each centred on the nearest voxel of the (binned) density."""
+        r = radius / self.bin
+        half = int(math.ceil(reach * r))
+        offsets = np.mgrid[-half:half + 1, -half:half + 1, -half:half + 1].reshape(3, -1).T
+        shell = (np.linalg.norm(offsets, axis=1) / (reach * r) * count).astype(int)
+        inside = shell < count
+        offsets, shell = offsets[inside], shell[inside]
+        average = np.zeros((len(shell), count), np.float32)
+        average[np.arange(len(shell)), shell] = 1.0
+        average /= np.maximum(average.sum(axis=0), 1)
+        padded = np.pad(self.data * polarity, half, mode="reflect")
+        base = np.clip(np.rint(self._to_binned(zyx)).astype(int), 0, np.asarray(self.data.shape) - 1) + half
+        out = np.zeros((len(base), 2 * count), np.float32)
+        for start in range(0, len(base), chunk):
+            index = base[start:start + chunk, None, :] + offsets[None]
+            values = padded[index[..., 0], index[..., 1], index[..., 2]]  # (n, V)
+            mean = values @ average
+            out[start:start + chunk, :count] = mean
+            out[start:start + chunk, count:] = np.sqrt(np.maximum((values * values) @ average - mean * mean, 0))
+        return out
+
+    def strongest_near(self, zyx: np.ndarray, radius: float, polarity: float, within: float) -> np.ndarray:
+        """(3,) ZYX voxel of the strongest blob response within ``within`` voxels of ``zyx``."""
+        response = self.blob_response(radius, polarity)
+        centre = self._to_binned(zyx)[0]
+        reach = max(1, int(math.ceil(within / self.bin)))
+        lo = np.maximum(np.rint(centre).astype(int) - reach, 0)
+        hi = np.minimum(np.rint(centre).astype(int) + reach + 1, response.shape)
+        grid = np.argwhere(np.ones(hi - lo, bool)) + lo
+        grid = grid[np.linalg.norm(grid - centre, axis=1) <= within / self.bin]
+        best = grid[np.argmax(response[tuple(grid.T)])] if len(grid) else np.rint(centre).astype(int)
+        return (best + 0.5) * self.bin - 0.5
+
+    def profile(self, click: np.ndarray, voxels: np.ndarray, radius: float, *, count: int = 8,
+                reach: float = 2.0) -> DensityProfile:
+        """The :class:`DensityProfile` of a prompted particle from the click (3,) ZYX, its mask's
+        (M, 3) voxels and radius: at the strongest blob within half a radius of the click (where
+        a candidate of the same kind would be found)."""
+        click = np.asarray(click, np.float64)
+        polarity = self.polarity(voxels)
+        centre = self.strongest_near(click, radius, polarity, 0.5 * radius)
+        return DensityProfile(self.shells(centre[None], radius, polarity, count=count, reach=reach)[0],
+                              float(self.contrast(centre[None], radius, polarity)[0]), polarity)
+
+
+def robust_z(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """(values - median) / (1.4826 MAD) with the median and MAD of ``reference`` (default: values)."""
+    centre, spread = _robust_centre_spread(np.asarray(values if reference is None else reference, np.float64))
+    return (np.asarray(values, np.float64) - centre) / spread
+
+
+def _robust_centre_spread(values: np.ndarray) -> tuple[float, float]:
+    centre = float(np.median(values))
+    spread = _MAD_TO_STD * float(np.median(np.abs(values - centre)))
+    return centre, spread if spread > 0 else (float(values.std()) or 1.0)
+
+
+@dataclass
+class PoolStatistics:
+    """What a density score is measured against: the spread of each shell value and the centre
+    and spread of the contrast and of the shell distance over a candidate pool."""
+
+    shell_spread: np.ndarray  # (2S,)
+    contrast: tuple[float, float]
+    distance: tuple[float, float]
+
+    @classmethod
+    def fit(cls, shells: np.ndarray, contrast: np.ndarray, query_shells: np.ndarray) -> "PoolStatistics":
+        spread = _MAD_TO_STD * np.median(np.abs(shells - np.median(shells, axis=0)), axis=0)
+        spread = np.maximum(spread, 1e-3 * max(float(spread.max()), 1e-6))
+        distance = np.sqrt(np.mean(((shells - query_shells) / spread) ** 2, axis=1))
+        return cls(spread, _robust_centre_spread(np.asarray(contrast, np.float64)), _robust_centre_spread(distance))
+
+    def apply(self, shells: np.ndarray, contrast: np.ndarray, query_shells: np.ndarray):
+        """(N,) score = z(contrast) + z(-shell distance), and (N,) minus the shell distance."""
+        distance = np.sqrt(np.mean(((shells - query_shells) / self.shell_spread) ** 2, axis=1))
+        score = ((np.asarray(contrast, np.float64) - self.contrast[0]) / self.contrast[1]
+                 + (self.distance[0] - distance) / self.distance[1])
+        return score, -distance
+
+
+def density_scores(shells: np.ndarray, contrast: np.ndarray, query_shells: np.ndarray, *,
+                   pool: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Density scores of candidates against a class's prompts.
+
+    Args:
+        shells: (N, 2S) candidate shell profiles; contrast: (N,) their blob responses.
+        query_shells: (2S,) the prompts' mean profile.
+        pool: which candidates define the statistics (the rest, e.g. prompts, are scored alike).
+
+    Returns:
+        (N,) score = z(contrast) + z(-shell distance), and (N,) the shell distance itself, negated
+        (RMS over shells, each in units of its spread over the pool): what compares classes (a
+        stronger particle of another kind has the contrast, not the shape).
+    """
+    stats = PoolStatistics.fit(shells[pool], contrast[pool], query_shells)
+    return stats.apply(shells, contrast, query_shells)
+
+
+@dataclass
+class DensityScorer:
+    """Density scores of points against one class's prompts on one tomogram, with the statistics
+    of that class's candidate pool there (:meth:`fit` first)."""
+
+    dmap: DensityMap
+    query_shells: np.ndarray
+    radius: float
+    polarity: float
+    count: int = 8
+    reach: float = 2.0
+    statistics: PoolStatistics | None = None
+
+    def _measure(self, zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
+        return (self.dmap.shells(zyx, self.radius, self.polarity, count=self.count, reach=self.reach),
+                self.dmap.contrast(zyx, self.radius, self.polarity))
+
+    def fit(self, pool_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fit the statistics on (N, 3) ZYX candidates; returns their (score, -distance)."""
+        shells, contrast = self._measure(pool_zyx)
+        self.statistics = PoolStatistics.fit(shells, contrast, self.query_shells)
+        return self.statistics.apply(shells, contrast, self.query_shells)
+
+    def score(self, zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(score, -shell distance) of (N, 3) ZYX points, each (N,)."""
+        if not len(zyx):
+            return np.zeros(0), np.zeros(0)
+        return self.statistics.apply(*self._measure(zyx), self.query_shells)
+
+
+def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[str, Proposals],
+                      prompts: list[Particle], cfg: CryoSamConfig):
+    """Each class's proposals with blobs at its scale added (``density.blobs``) and, with
+    ``density.score: density``, ranked by density score.
+
+    The pool is the feature-matching proposals and, with blobs, the ``density.pool`` strongest
+    blobs at the class's scale; all are scored against the pool's statistics, near-duplicates
+    (within the class radius) keep the best, and the best ``matching.top_k`` are kept, their
+    scores as ``similarity`` and minus their shell distance as ``shape``. This tomogram's prompts
+    get their score (at the click) as ``score``. With the features score, blob and feature
+    proposals alternate, each best first.
+
+    Returns:
+        (class -> :class:`Proposals`, class -> its fitted :class:`DensityScorer`; empty with the
+        features score).
+    """
+    d = cfg.density
+    maps: dict[int, DensityMap] = {}
+    out, scorers = {}, {}
+    for cls in sorted(queries):
+        query, found = queries[cls], proposals[cls]
+        if query.shells is None:  # no prompt profile (should not happen when density is on)
+            out[cls] = found
+            continue
+        radius = query.radius
+        dmap = maps.setdefault(bin_factor(radius), DensityMap(tomogram, bin_factor(radius)))
+        if d.score != "density":
+            blobs, strength = dmap.peaks(radius, query.polarity, cfg.matching.top_k)
+            out[cls] = _alternate(found, Proposals(blobs, strength.astype(np.float32), len(strength)),
+                                  cfg.matching.top_k)
+            continue
+        pool = [np.asarray(found.zyx, np.float64).reshape(-1, 3)]
+        if d.blobs:
+            pool.append(dmap.peaks(radius, query.polarity, d.pool)[0])
+        zyx = np.concatenate(pool)
+        if not len(zyx):
+            out[cls] = found
+            continue
+        scorer = scorers[cls] = DensityScorer(dmap, query.shells, radius, query.polarity, d.shells, d.reach)
+        scores, shape = scorer.fit(zyx)
+        keep = nms(zyx, scores, radius=radius, top_k=cfg.matching.top_k)
+        out[cls] = Proposals(zyx[keep], scores[keep].astype(np.float32), found.evaluated, shape=shape[keep])
+        mine = [p for p in prompts if p.cls == cls]
+        for particle, score in zip(mine, scorer.score(np.array([p.instance.prompt for p in mine]))[0]):
+            particle.score = float(score)
+    return out, scorers
+
+
+def _alternate(first: Proposals, second: Proposals, top_k: int) -> Proposals:
+    """Proposals taken alternately from two lists, best first each, at most ``top_k``."""
+    order = sorted([(2 * i, 0, i) for i in range(len(first))] + [(2 * i + 1, 1, i) for i in range(len(second))])
+    sources = (first, second)
+    zyx = np.array([sources[s].zyx[i] for _, s, i in order[:top_k]]).reshape(-1, 3)
+    sims = np.array([sources[s].similarity[i] for _, s, i in order[:top_k]], np.float32)
+    return Proposals(zyx, sims, first.evaluated + second.evaluated)

@@ -1,0 +1,55 @@
+"""A crop of the real EMPIAR-11658 tomogram (80S ribosomes, 31.36 A/px): one prompt, defaults.
+
+Runs only where ``../shared/data/real`` is present (the repository does not ship it). The
+annotation is a cleaned subset of the ribosomes, so precision is only a lower bound: the test
+asserts recall among the best 3 x N_annotated picks, as ``benchmarks/bench_quality.py`` does.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryosam_ray.config import load_config
+from cryosam_ray.evaluate import evaluate_picks
+from cryosam_ray.runner import run_in_process
+from cryosam_ray.tables import read_picks, read_truth
+from cryosam_ray.tomo_io import read_mrc, write_mrc
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+TOMOGRAM, ANNOTATION = REAL / "empiar11658_t009_bin4.mrc", REAL / "empiar11658_t009_80S.csv"
+X0, X1 = 96, 224  # the crop along x: the densest third of the annotation
+RADIUS = 4.5  # voxels: an 80S (~280 A across) at 31.36 A/px
+
+pytestmark = pytest.mark.skipif(not TOMOGRAM.exists(), reason=f"{REAL} (real tomogram) is not here")
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    volume, voxel = read_mrc(TOMOGRAM)
+    write_mrc(tmp / "crop.mrc", np.ascontiguousarray(volume[:, :, X0:X1]), voxel)
+    with open(ANNOTATION, newline="") as handle:
+        centres = [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    inside = [c for c in centres if X0 + RADIUS <= c["x"] < X1 - RADIUS]
+    with open(tmp / "truth.csv", "w") as handle:
+        handle.write("tomogram,class,instance_id,z,y,x,radius\n")
+        for i, c in enumerate(inside, start=1):
+            handle.write(f"crop,ribosome,{i},{c['z']},{c['y']},{c['x'] - X0},{RADIUS}\n")
+    prompt = inside[0]
+    (tmp / "prompts.csv").write_text(f"tomogram,z,y,x,class\ncrop,{prompt['z']},{prompt['y']},{prompt['x'] - X0},"
+                                     "ribosome\n")
+    summary = run_in_process([str(tmp / "crop.mrc")], str(tmp / "prompts.csv"), str(tmp / "run"), load_config("demo"))
+    assert not summary.failed
+    report = evaluate_picks(read_truth(str(tmp / "truth.csv")), read_picks(str(tmp / "run" / "picks.parquet")))
+    return report, len(inside)
+
+
+def test_one_prompt_finds_ribosomes_in_a_real_cell(crop_run):
+    report, annotated = crop_run
+    assert annotated >= 30
+    ranked = report.ranking.per_class["ribosome"]
+    assert ranked.to_dict()["recall_at_3x"] >= 0.3, ranked
