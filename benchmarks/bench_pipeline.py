@@ -1,12 +1,22 @@
-"""The Ray pipeline against the in-process pipeline: throughput, overhead, scaling.
+"""The pipeline's throughput: on Ray against in process (weight-free backends), or the real
+architectures on one GPU (--gpu).
 
     python benchmarks/bench_pipeline.py [--n 4] [--shape 64 128 128] [--cpus 2] [--json FILE]
+    python benchmarks/bench_pipeline.py --gpu [--shape 200 512 512] [--dinov2 large] [--sam vit_h]
+        [--directions six] [--proposals 512] [--steps 10] [--json FILE]
+    python benchmarks/bench_pipeline.py --gpu --shape 16 64 64 --dinov2 tiny --sam vit_tiny --proposals 8 --steps 2
 
-Synthesises a dataset (one ribosome prompt), then runs `cryosam run` on the same tomograms with
-the same weight-free backends: in process (no Ray), on Ray with one encoder and one segmenter
-actor, and on Ray with two of each. One local Ray is started first and shared, so its start-up
-(reported apart) is not in the runs' times. Prints tomograms per hour, per-stage times, the
-Ray / in-process overhead ratio at one worker and the speed-up from one to two workers.
+Ray mode: synthesises a dataset (one ribosome prompt), then runs `cryosam run` on the same
+tomograms with the same weight-free backends: in process (no Ray), on Ray with one encoder and
+one segmenter actor, and on Ray with two of each. One local Ray is started first and shared, so
+its start-up (reported apart) is not in the runs' times. Prints tomograms per hour, per-stage
+times, the Ray / in-process overhead ratio at one worker and the speed-up from one to two workers.
+
+--gpu mode (:func:`run_gpu`): one synthetic tomogram through the pipeline's stage
+functions in this process, with random-weight models of the real architectures (DINOv2
+ViT-L/14 with registers, SAM ViT-H) on the GPU (on the CPU when there is none, for a smoke run
+with small shapes and models); prints the time of each stage, tomograms per hour per GPU and
+the peak GPU memory. It imports neither Ray nor zarr nor s3fs (no feature or embedding store).
 """
 
 from __future__ import annotations
@@ -19,9 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryosam_ray.config import load_config
-from cryosam_ray.runner import run_in_process
-from cryosam_ray.synth import SynthSettings, write_dataset
+import numpy as np
 
 
 def _prompts(data: Path, out: Path) -> Path:
@@ -33,20 +41,218 @@ def _prompts(data: Path, out: Path) -> Path:
 
 
 def _cfg(workers: int, cpus_per_actor: float, task_cpus: float):
+    from cryosam_ray.config import load_config
+
     return load_config(None, {"ray.address": "auto", "ray.encoders.size": workers, "ray.segmenters.size": workers,
                               "ray.encoders.num_cpus": cpus_per_actor, "ray.segmenters.num_cpus": cpus_per_actor,
                               "ray.task_cpus": task_cpus})
 
 
+# ---- --gpu: the real architectures, in process -------------------------------------------------
+
+# What the --gpu mode imports beyond torch (the GPU machine may lack some: carry their wheels).
+GPU_MODULES = {"transformers": "transformers", "segment_anything": "segment-anything", "scipy": "scipy",
+               "pyarrow": "pyarrow", "pydantic": "pydantic", "yaml": "pyyaml", "fsspec": "fsspec",
+               "mrcfile": "mrcfile (cryosam_ray.tomo_io imports it; masks are written as MRC)"}
+STAGES = ("dinov2 (3 axes)", "sam embedding", "prompt propagation", "matching", "proposal propagation", "writing")
+
+
+def _check_gpu_imports() -> None:
+    import importlib.util
+
+    missing = [pip for module, pip in GPU_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"--gpu needs {', '.join(missing)}; install or carry their wheels (Ray, zarr and s3fs "
+                         "are not needed)")
+
+
+class _Clock:
+    """Stage seconds, the device synchronised at each boundary so queued GPU work is counted."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, dict.fromkeys(STAGES, 0.0)
+
+    def now(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def timed(self, stage: str, fn):
+        """``fn`` with its time added to ``stage``."""
+        def wrapper(*args, **kwargs):
+            start = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] += self.now() - start
+        return wrapper
+
+
+def run_gpu(args) -> None:
+    """One tomogram through the stages, real architectures with random weights, in process.
+
+    Workload: random weights give no real masks, so the work of real particles is imposed:
+    propagation's IoU stop is off (``propagation.iou_threshold=0``) and every front walks
+    ``--steps`` slices (``propagation.max_steps``); candidates are not filtered by area or
+    predicted IoU; matching keeps its best ``--proposals`` (``tau_sim`` null, NMS radius 8
+    voxels), all propagated together (``instances.batch``), so each step is one decoder pass
+    over all fronts (``--decode-batch`` requests per call). The counts of proposals, decoder
+    requests and embedded slices are printed with the times. SAM embedding time (slices encoded
+    when propagation first visits them) is taken out of the two propagation stages.
+    """
+    _check_gpu_imports()
+    import torch
+    from segment_anything.build_sam import _build_sam
+
+    from bench_encoders import dinov2_model
+    from cryosam_ray.config import load_config
+    from cryosam_ray.encoders import build_encoder
+    from cryosam_ray.features import AxisMaps, FeatureVolume, encode_shard, slice_shape
+    from cryosam_ray.pipeline import (build_queries, match_classes, particles_of_tomogram, segment_prompts,
+                                      write_tomogram_outputs)
+    from cryosam_ray.segmenters import build_segmenter
+    from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES
+    from cryosam_ray.synth import SynthSettings, synthesize
+    from cryosam_ray.tables import Point
+    from cryosam_ray.tomo_io import Tomogram
+
+    shape = tuple(args.shape or (200, 512, 512))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = time.perf_counter()
+    classes = ("ribosome",) if min(shape) >= 64 else ("ball",)  # a ribosome is ~26 voxels across
+    synth = synthesize(SynthSettings(shape=shape, classes=classes, particles_per_class=64, use_real_maps=False,
+                                     snr=0.5), seed=11, name="TS_bench")
+    if not synth.truth:
+        raise SystemExit(f"no {classes[0]} fits in {shape}; use a larger --shape")
+    tomo = Tomogram("memory://bench/TS_bench.mrc", synth.volume, 10.0)
+    tomo.stats  # noqa: B018 (robust statistics, as the runner computes before any stage)
+    first = synth.truth[0]
+    prompts = [Point("TS_bench", float(first["z"]), float(first["y"]), float(first["x"]), classes[0])]
+    print(f"synthesised {shape} with {len(synth.truth)} {classes[0]} particles in {time.perf_counter() - t:.1f} s "
+          "(not counted)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dinov2_model(args.dinov2, args.registers).save_pretrained(tmp / "dinov2")
+        torch.save(_build_sam(**SAM_ARCHITECTURES[args.sam], checkpoint=None).state_dict(), tmp / "sam.pth")
+        cfg = load_config("paper", {
+            "segmenter.sam.model_type": args.sam, "segmenter.sam.checkpoint": str(tmp / "sam.pth"),
+            "segmenter.sam.precision": args.precision, "segmenter.sam.compile": args.compile,
+            "segmenter.sam.batch_size": args.sam_batch, "segmenter.sam.decode_batch": args.decode_batch,
+            "segmenter.sam.cache_slices": sum(shape), "segmenter.sam.min_area": 1,
+            "segmenter.sam.min_pred_iou": float("-inf"),
+            "encoder.dinov2.model": str(tmp / "dinov2"), "encoder.dinov2.image_size": args.image_size,
+            "encoder.dinov2.batch_size": args.dinov2_batch, "encoder.dinov2.precision": args.precision,
+            "encoder.dinov2.compile": args.compile, "encoder.dinov2.allow_hub": False,
+            "propagation.directions": args.directions, "propagation.iou_threshold": 0.0,
+            "propagation.max_steps": args.steps, "matching.top_k": args.proposals, "matching.tau_sim": None,
+            "matching.nms_radius": 8.0, "instances.batch": args.proposals})
+        t = time.perf_counter()
+        encoder, segmenter = build_encoder(cfg.encoder), build_segmenter(cfg.segmenter)
+        print(f"built DINOv2 {args.dinov2} and SAM {args.sam} on {device} in {time.perf_counter() - t:.1f} s "
+              f"(not counted); precision {encoder.precision.name} / {segmenter.precision.name}")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        clock = _Clock(device)
+        counts = {"decoder_requests": 0, "embedded_slices": 0}
+        encode, predict = segmenter._encode, segmenter.predict
+
+        def counted_encode(axis, indices):
+            counts["embedded_slices"] += len(indices)
+            return encode(axis, indices)
+
+        def counted_predict(requests):
+            requests = list(requests)
+            counts["decoder_requests"] += len(requests)
+            return predict(requests)
+
+        segmenter._encode = clock.timed("sam embedding", counted_encode)
+        segmenter.predict = counted_predict
+
+        def propagation(stage: str, fn, *a):
+            before = clock.seconds["sam embedding"]
+            start = clock.now()
+            out = fn(*a)
+            clock.seconds[stage] += clock.now() - start - (clock.seconds["sam embedding"] - before)
+            return out
+
+        wall = clock.now()
+        particles = propagation("prompt propagation", segment_prompts, tomo, prompts, segmenter, cfg)
+
+        def features():
+            axes = []
+            for axis in range(3):
+                hw = slice_shape(tomo.shape, axis)
+                maps = np.zeros((tomo.shape[axis], *encoder.token_grid(hw), encoder.feature_dim), np.float32)
+                for start in range(0, tomo.shape[axis], args.dinov2_batch):
+                    stop = min(tomo.shape[axis], start + args.dinov2_batch)
+                    maps[start:stop] = encode_shard(tomo, encoder, axis, start, stop)
+                axes.append(AxisMaps(axis, maps, hw))
+            return FeatureVolume(tomo.shape, axes)
+
+        volume = clock.timed("dinov2 (3 axes)", features)()
+        queries = clock.timed("matching", lambda: build_queries({"TS_bench": particles}, {"TS_bench": volume}))()
+        proposals = clock.timed("matching", match_classes)(volume, queries, cfg) if queries else {}
+        found = propagation("proposal propagation", particles_of_tomogram, tomo, volume, queries, proposals,
+                            particles, segmenter, cfg) if queries else []
+        clock.timed("writing", write_tomogram_outputs)(str(tmp / "out"), tomo, found, sorted(queries))
+        wall = clock.now() - wall
+
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    n_prop = sum(len(p) for p in proposals.values())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\n{name}: one {shape[0]} x {shape[1]} x {shape[2]} tomogram, DINOv2 {args.dinov2} "
+          f"({args.registers} registers, {args.image_size} px), SAM {args.sam}, {args.directions} directions, "
+          f"{args.steps} steps per front")
+    print(f"{'stage':<24}{'seconds':>10}")
+    for stage in STAGES:
+        print(f"{stage:<24}{clock.seconds[stage]:>10.2f}")
+    print(f"{'whole tomogram':<24}{wall:>10.2f}   ({3600 / wall:.0f} tomograms per hour per GPU)")
+    print(f"{n_prop} proposals, {len(found)} particles, {counts['decoder_requests']} decoder requests, "
+          f"{counts['embedded_slices']} slices embedded by SAM, peak GPU memory "
+          f"{'n/a (CPU)' if peak is None else f'{peak:.1f} GiB'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": name, "shape": list(shape), "dinov2": args.dinov2, "sam": args.sam,
+            "precision": [encoder.precision.name, segmenter.precision.name], "directions": args.directions,
+            "steps": args.steps, "stage_s": clock.seconds, "wall_s": wall, "tomograms_per_hour": 3600 / wall,
+            "proposals": n_prop, "particles": len(found), "peak_gpu_memory_gib": peak, **counts}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=4, help="tomograms")
-    parser.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), metavar=("D", "H", "W"))
+    parser.add_argument("--gpu", action="store_true", help="the real architectures in process (see run_gpu)")
+    parser.add_argument("--n", type=int, default=4, help="tomograms (Ray mode)")
+    parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="tomogram shape (default 64 128 128; --gpu: 200 512 512)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
     parser.add_argument("--json", help="write the figures as JSON here")
+    parser.add_argument("--dinov2", default="large", help="--gpu: DINOv2 size (tiny, small, base, large)")
+    parser.add_argument("--registers", type=int, default=4, help="--gpu: DINOv2 register tokens")
+    parser.add_argument("--image-size", type=int, default=518, help="--gpu: DINOv2 input side")
+    parser.add_argument("--sam", default="vit_h", help="--gpu: SAM model type (vit_h, vit_l, vit_b, vit_tiny)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="--gpu: torch.compile both encoders")
+    parser.add_argument("--directions", default="six", choices=["six", "z"], help="--gpu: propagation directions")
+    parser.add_argument("--proposals", type=int, default=512, help="--gpu: matching.top_k, all propagated at once")
+    parser.add_argument("--steps", type=int, default=10, help="--gpu: slices each front walks (see run_gpu)")
+    parser.add_argument("--dinov2-batch", type=int, default=64)
+    parser.add_argument("--sam-batch", type=int, default=16)
+    parser.add_argument("--decode-batch", type=int, default=512)
     args = parser.parse_args()
+    if args.gpu:
+        run_gpu(args)
+        return
+    args.shape = tuple(args.shape or (64, 128, 128))
 
     import ray
+
+    from cryosam_ray.config import load_config
+    from cryosam_ray.runner import run_in_process
+    from cryosam_ray.synth import SynthSettings, write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -9,11 +9,12 @@ Overrides use dotted keys: ``{"synth.snr": 0.5}`` or, on the command line, ``--s
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cryosam_ray.errors import ConfigError
 
@@ -100,13 +101,29 @@ class ClassicalSegmenterConfig(_Section):
     polarity: Literal["auto", "dark", "bright"] = Field("auto", description="Particle contrast; auto per prompt.")
 
 
+_PRECISION_DOC = ("auto: the fastest numerically safe choice, bf16 on a GPU with native bfloat16 (compute "
+                  "capability 8.0+), else fp32; fp32; bf16: float32 weights under bfloat16 autocast; fp16: float16 "
+                  "weights (half the memory; float16 overflows past 6.5e4, see the README).")
+
+
 class SamSegmenterConfig(_Section):
     """SAM through segment-anything (see :class:`cryosam_ray.segmenters.sam.SamSegmenter`)."""
 
     model_type: Literal["vit_h", "vit_l", "vit_b", "vit_tiny"] = Field("vit_h", description="Registry name.")
     checkpoint: str | None = Field(None, description="Local path, s3:// or http(s):// URL of the checkpoint.")
     device: str | None = Field(None, description="cuda, cuda:N or cpu (None: cuda when available).")
-    batch_size: int = Field(8, ge=1, description="Slices per image-encoder batch.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Image-encoder precision. " + _PRECISION_DOC + " fp16 keeps LayerNorm2d in float32 "
+        "(stock SAM ViT-H overflows there in fp16: segment-anything issues 540, 696); prompt encoder and mask "
+        "decoder always run in float32.")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Image-encoder attention: sdpa (torch's scaled-dot-product attention, relative "
+        "positions as its additive mask) or eager (segment-anything's own softmax(QK^T + bias)V).")
+    compile: bool = Field(False, description="Wrap the image encoder in torch.compile (slow first batch).")
+    batch_size: int = Field(8, ge=1, description="Slices per image-encoder batch (GPU memory grows with it).")
+    decode_batch: int = Field(64, ge=1, description="Prompts per mask-decoder call (propagation fronts of a step).")
+    cache_slices: int = Field(256, ge=1, description="Slice embeddings kept on the device (LRU; 2 MiB each): "
+                              "bounds GPU memory; slices evicted and visited again are encoded again.")
     embedding_store: str | None = Field(None, description="zarr URL caching image embeddings (None: memory).")
     cache_dir: str | None = Field(None, description="Where downloaded checkpoints are kept.")
     min_area: int = Field(16, ge=0, description="Smallest accepted mask, pixels.")
@@ -152,17 +169,47 @@ class RingsConfig(_Section):
     stride: int = Field(2, ge=1, description="Pixels per token along each slice axis.")
 
 
+# The old encoder.dinov2.dtype values, as precision values (its "auto" meant float16 on a GPU).
+_DINOV2_DTYPE_TO_PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 class Dinov2Config(_Section):
     """DINOv2 through transformers (see :class:`cryosam_ray.encoders.dinov2.Dinov2Encoder`)."""
 
-    model: str = Field("facebook/dinov2-large", description="Local folder, s3:// URL or hub id (ViT-L/14 in the paper).")
+    model: str = Field("facebook/dinov2-with-registers-large",
+                       description="Local folder, s3:// URL or hub id. Default: ViT-L/14 with registers, as the "
+                       "public CryoSAM code; facebook/dinov2-large is the same network without registers.")
     image_size: int = Field(518, ge=14, description="Slices are resized to this (a multiple of the patch size).")
     keep_aspect: bool = Field(False, description="Keep the slice's aspect ratio (the public code does not).")
-    batch_size: int = Field(16, ge=1, description="Slices per forward pass.")
+    batch_size: int = Field(16, ge=1, description="Slices per forward pass (GPU memory grows with it).")
     device: str | None = Field(None, description="cuda, cuda:N or cpu (None: cuda when available).")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Forward-pass precision. " + _PRECISION_DOC + " Replaces dtype (float32 -> fp32, "
+        "bfloat16 -> bf16, float16 -> fp16; its auto meant fp16 on a GPU, now bf16).")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="transformers' attn_implementation: sdpa (scaled-dot-product / flash attention) or eager.")
+    compile: bool = Field(False, description="Wrap the model in torch.compile (slow first batch).")
     cache_dir: str | None = Field(None, description="Where downloaded weights are kept.")
     allow_hub: bool = Field(True, description="Allow loading a hub id (a download the user asked for by naming it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_is_now_precision(cls, data: Any) -> Any:
+        """Accept the old ``dtype`` key, with a warning naming the new one."""
+        if not isinstance(data, dict) or "dtype" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("dtype")
+        if old not in _DINOV2_DTYPE_TO_PRECISION:
+            raise ValueError(f"dtype is replaced by precision; expected precision: auto, fp32, bf16 or fp16 "
+                             f"(got dtype {old!r})")
+        new = _DINOV2_DTYPE_TO_PRECISION[old]
+        if data.get("precision", new) != new:
+            raise ValueError(f"both dtype ({old!r}) and precision ({data['precision']!r}) are set; keep precision")
+        data["precision"] = new
+        warnings.warn(f"encoder.dinov2.dtype is deprecated: write precision: {new} (dtype {old!r} was read as that; "
+                      "auto now means bf16 on GPUs with native bfloat16, fp32 elsewhere)", FutureWarning, stacklevel=2)
+        return data
 
 
 class EncoderConfig(_Section):

@@ -8,10 +8,17 @@ where a later run would trust it. Nothing is fetched unless the user named that 
 
 Cache layout: ``<cache_dir>/<sha256(url)[:16]>/<basename of the url>`` (a file, or a folder
 for a remote folder such as a Hugging Face model directory).
+
+How loaded weights run, shared by the SAM and DINOv2 backends: :func:`resolve_precision` turns
+a ``precision`` setting (``auto``, ``fp32``, ``bf16``, ``fp16``) into a :class:`Precision` for a
+device; :func:`to_device` moves a batch through pinned memory; :func:`batch_memory_guard` turns
+a CUDA out-of-memory error in a batch loop into a :class:`~cryosam_ray.errors.ConfigError`
+naming the setting to lower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,11 +27,17 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import fsspec
+import numpy as np
 
-from cryosam_ray.errors import WeightsError
+from cryosam_ray.errors import ConfigError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +175,109 @@ def file_fingerprint(path: str | os.PathLike, *, head_bytes: int = 2**20) -> str
         with open(file, "rb") as fh:
             digest.update(fh.read(head_bytes))
     return digest.hexdigest()[:32]
+
+
+# ---- how loaded weights run: precision, transfers, memory -------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model's forward pass runs on one device, resolved from a ``precision`` setting.
+
+    Attributes:
+        name: "fp32", "bf16" or "fp16".
+        weights: the weights' dtype: float32, except float16 for "fp16" (pure half precision).
+        autocast: the dtype of the ``torch.autocast`` region around the forward pass (bfloat16
+            for "bf16": matrix products in bf16, normalisation, softmax and the residual stream
+            in float32); None: no autocast.
+    """
+
+    name: str
+    weights: "torch.dtype"
+    autocast: "torch.dtype | None"
+
+    def context(self, device: "torch.device") -> contextlib.AbstractContextManager:
+        """The autocast region for a forward pass on ``device`` (a no-op without autocast)."""
+        import torch
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+def native_bf16(device: "torch.device") -> bool:
+    """Whether ``device`` computes bfloat16 natively: CPUs (through autocast) and CUDA GPUs of
+    compute capability 8.0 or newer (A100, H100, L4, RTX 30xx ...); older GPUs only emulate it."""
+    import torch
+
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(precision: str, device: "torch.device", *, setting: str) -> Precision:
+    """The :class:`Precision` a ``precision`` setting means on ``device``.
+
+    Args:
+        precision: "auto" (the fastest numerically safe choice: "bf16" on a CUDA GPU with native
+            bfloat16, else "fp32"; never "fp16", which must be asked for), "fp32", "bf16" or "fp16".
+        device: where the model runs.
+        setting: the config key, for error messages (``"segmenter.sam.precision"``).
+
+    Raises:
+        ConfigError: an unknown value, or "bf16" on a CUDA GPU without native bfloat16.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{setting}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        what = str(device)
+        if device.type == "cuda":
+            what += " (compute capability {}.{}; needs 8.0 or newer)".format(*torch.cuda.get_device_capability(device))
+        raise ConfigError(f"{setting}=bf16: {what} has no native bfloat16; use fp32, or fp16 (unsafe for SAM ViT-H "
+                          "activations)")
+    if precision == "fp16":
+        return Precision("fp16", torch.float16, None)
+    if precision == "bf16":
+        return Precision("bf16", torch.float32, torch.bfloat16)
+    return Precision("fp32", torch.float32, None)
+
+
+def to_device(array: np.ndarray, device: "torch.device") -> "torch.Tensor":
+    """A numpy array as a tensor on ``device``. On CUDA through pinned (page-locked) memory with a
+    non-blocking copy, so the transfer is queued behind the GPU's work instead of stalling the
+    host; on the CPU the array's memory is shared, not copied."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def batch_memory_guard(setting: str, batch_size: int, device: "torch.device"):
+    """Run one batch; a CUDA out-of-memory error becomes a :class:`ConfigError` naming ``setting``.
+
+    Raises:
+        ConfigError: the batch did not fit in the GPU's memory; the message names the setting
+            to lower, its value and the device's memory.
+    """
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        detail: list[Any] = []
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            held = torch.cuda.memory_reserved(device)
+            detail = [f" ({total / 2**30:.1f} GiB, {held / 2**30:.1f} GiB held by this process)"]
+        raise ConfigError(f"{setting}={batch_size}: a batch does not fit in the memory of {device}"
+                          f"{''.join(detail)}; lower {setting} (for example to {max(1, batch_size // 2)}), or "
+                          "share the GPU with fewer actors") from exc

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from cryosam_ray.encoders.base import SliceEncoder
+from cryosam_ray.config import Dinov2Config
 from cryosam_ray.encoders.dinov2 import Dinov2Encoder, preprocess_slices
-from cryosam_ray.errors import WeightsError
+from cryosam_ray.errors import ConfigError, WeightsError
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,6 +81,10 @@ def test_loads_saved_weights_exactly(variant, request):
     assert isinstance(enc, SliceEncoder)
     assert enc.feature_dim == 32 and enc.device.type == "cpu" and enc.dtype == torch.float32
     assert enc.num_register_tokens == (REGISTERS if variant == "tiny_registers" else 0)
+    # config.json's model_type picks the class; both load with scaled-dot-product attention.
+    assert type(enc.model) is type(reference)
+    assert type(enc.model).__name__ == ("Dinov2WithRegistersModel" if variant == "tiny_registers" else "Dinov2Model")
+    assert enc.model.config._attn_implementation == "sdpa"
     loaded, saved = enc.model.state_dict(), reference.state_dict()
     assert loaded.keys() == saved.keys()
     for key, value in saved.items():
@@ -153,12 +158,75 @@ def test_preprocess_replicates_without_imagenet_normalisation():
     assert preprocess_slices(slices, (28, 28), dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_inputs_follow_the_weights_dtype(tiny_dinov2):
-    enc = Dinov2Encoder(model=str(tiny_dinov2[0]), image_size=98, device="cpu", dtype="bfloat16")
-    assert enc.dtype == torch.bfloat16 and next(enc.model.parameters()).dtype == torch.bfloat16
-    out = enc.encode(_slices(2, 40, 40))
-    assert out.dtype == np.float32 and out.shape == (2, 7, 7, 32) and np.isfinite(out).all()
-    assert enc.signature()["dtype"] == "bfloat16"
+def test_default_model_is_vit_l_with_registers():
+    assert Dinov2Config().model == "facebook/dinov2-with-registers-large"
+    assert Dinov2Encoder.__init__.__kwdefaults__["model"] == "facebook/dinov2-with-registers-large"
+
+
+@pytest.mark.parametrize("variant", ["tiny_dinov2", "tiny_registers"])
+def test_sdpa_matches_eager_attention(variant, request):
+    folder, _ = request.getfixturevalue(variant)
+    slices = _slices(3, 50, 60, seed=4)
+    sdpa = Dinov2Encoder(model=str(folder), image_size=98, device="cpu")
+    eager = Dinov2Encoder(model=str(folder), image_size=98, device="cpu", attention="eager")
+    assert eager.model.config._attn_implementation == "eager"
+    np.testing.assert_allclose(sdpa.encode(slices), eager.encode(slices), rtol=1e-5, atol=1e-5)
+
+
+def test_precisions_on_cpu(tiny_registers):
+    """fp32 is the default on a CPU; bf16 autocasts (float32 weights); fp16 casts the weights.
+    Tolerances: bf16 keeps 8 mantissa bits, fp16 11; features are layer-normed (order 1)."""
+    folder, reference = tiny_registers
+    slices = _slices(2, 40, 40)
+    expected = _reference(reference, slices, (98, 98), REGISTERS)
+    auto = Dinov2Encoder(model=str(folder), image_size=98, device="cpu")
+    assert auto.precision.name == "fp32" and auto.signature()["precision"] == "fp32"
+    bf16 = Dinov2Encoder(model=str(folder), image_size=98, device="cpu", precision="bf16")
+    assert bf16.dtype == torch.float32 and next(bf16.model.parameters()).dtype == torch.float32
+    assert bf16.signature()["precision"] == "bf16" and bf16.signature() != auto.signature()
+    out = bf16.encode(slices)
+    assert out.dtype == np.float32 and out.shape == (2, 7, 7, 32)
+    np.testing.assert_allclose(out, expected, atol=0.1, rtol=0)
+    assert np.abs(out - expected).max() > 1e-5  # really computed in bf16
+    fp16 = Dinov2Encoder(model=str(folder), image_size=98, device="cpu", precision="fp16")
+    assert fp16.dtype == torch.float16 and next(fp16.model.parameters()).dtype == torch.float16
+    np.testing.assert_allclose(fp16.encode(slices), expected, atol=0.02, rtol=0)
+
+
+def test_out_of_memory_names_the_batch_size(tiny_dinov2, monkeypatch):
+    enc = Dinov2Encoder(model=str(tiny_dinov2[0]), image_size=98, device="cpu", batch_size=8)
+
+    def forward(**_):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(enc, "_forward", forward)
+    with pytest.raises(ConfigError, match=r"encoder\.dinov2\.batch_size=8: a batch does not fit .* lower "
+                       r"encoder\.dinov2\.batch_size \(for example to 4\)") as info:
+        enc.encode(_slices(3, 20, 20))
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+
+
+def test_compiled_model_sees_one_batch_shape(tiny_registers, monkeypatch):
+    """compile=True wraps the model in torch.compile (here dynamo with the eager backend: no C++
+    toolchain needed) and pads the last batch, so one graph serves every batch."""
+    compiled = []
+    real = torch.compile
+
+    def compile_eager(model, **kwargs):
+        compiled.append(kwargs)
+        return real(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    folder, reference = tiny_registers
+    enc = Dinov2Encoder(model=str(folder), image_size=98, device="cpu", batch_size=2, compile=True)
+    assert compiled == [{"dynamic": False}]
+    shapes = []
+    enc.model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["pixel_values"].shape)),
+                                        with_kwargs=True)
+    slices = _slices(5, 30, 30, seed=2)
+    out = enc.encode(slices)
+    assert set(shapes) == {(2, 3, 98, 98)}  # 2 + 2 + 1 padded to 2
+    np.testing.assert_allclose(out, _reference(reference, slices, (98, 98), REGISTERS), rtol=1e-5, atol=1e-5)
 
 
 def test_loads_from_s3(tiny_dinov2, s3_bucket, tmp_path):
@@ -231,8 +299,10 @@ def test_hub_id_needs_allow_hub():
 def test_bad_settings(tiny_dinov2):
     with pytest.raises(ValueError, match="batch_size"):
         Dinov2Encoder(model=str(tiny_dinov2[0]), batch_size=0, device="cpu")
-    with pytest.raises(ValueError, match="dtype"):
-        Dinov2Encoder(model=str(tiny_dinov2[0]), dtype="float8", device="cpu")
+    with pytest.raises(ConfigError, match=r"encoder\.dinov2\.precision: expected one of"):
+        Dinov2Encoder(model=str(tiny_dinov2[0]), precision="float8", device="cpu")
+    with pytest.raises(ValueError, match="attention"):
+        Dinov2Encoder(model=str(tiny_dinov2[0]), attention="flash", device="cpu")
     with pytest.raises(ValueError, match="image_size"):
         Dinov2Encoder(model=str(tiny_dinov2[0]), image_size=10, device="cpu")
 
@@ -242,7 +312,7 @@ def test_signature(tiny_dinov2, tiny_registers, tmp_path):
     json.dumps(base)  # serialisable
     assert base == Dinov2Encoder(model=str(tiny_dinov2[0]), image_size=98, device="cpu").signature()
     assert base["hidden_size"] == 32 and base["num_layers"] == 2 and base["num_register_tokens"] == 0
-    assert base["image_size"] == 98 and base["keep_aspect"] is False and base["dtype"] == "float32"
+    assert base["image_size"] == 98 and base["keep_aspect"] is False and base["precision"] == "fp32"
     assert Dinov2Encoder(model=str(tiny_dinov2[0]), image_size=112, device="cpu").signature() != base
     assert Dinov2Encoder(model=str(tiny_dinov2[0]), image_size=98, keep_aspect=True,
                          device="cpu").signature() != base
@@ -256,11 +326,30 @@ def test_signature(tiny_dinov2, tiny_registers, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_half_precision_matches_cpu(tiny_registers):
+def test_cuda_auto_precision_matches_cpu(tiny_registers):
     enc = Dinov2Encoder(model=str(tiny_registers[0]), image_size=98, keep_aspect=True, device="cuda")
-    assert enc.device.type == "cuda" and enc.dtype == torch.float16  # dtype "auto" on cuda
+    expected = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp32"
+    assert enc.device.type == "cuda" and enc.precision.name == expected and enc.dtype == torch.float32
     slices = _slices(3, 40, 100)
     out = enc.encode(slices)
     assert out.dtype == np.float32 and out.shape == (3, 3, 7, 32)
     cpu = Dinov2Encoder(model=str(tiny_registers[0]), image_size=98, keep_aspect=True, device="cpu").encode(slices)
-    np.testing.assert_allclose(out, cpu, atol=5e-2, rtol=5e-2)
+    np.testing.assert_allclose(out, cpu, atol=0.1, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_vit_l_registers_bf16_matches_fp32(tmp_path):
+    """The real architecture (ViT-L/14, 4 registers, 518 px) with random weights: bf16 autocast
+    against fp32 on the GPU; features compared by cosine similarity per token."""
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                    intermediate_size=4096, patch_size=14, image_size=518,
+                                                    num_register_tokens=4)
+    transformers.Dinov2WithRegistersModel(config).save_pretrained(tmp_path / "vitl")
+    slices = _slices(4, 512, 512)
+    fp32 = Dinov2Encoder(model=str(tmp_path / "vitl"), device="cuda", precision="fp32").encode(slices)
+    bf16 = Dinov2Encoder(model=str(tmp_path / "vitl"), device="cuda", precision="bf16").encode(slices)
+    cos = (fp32 * bf16).sum(-1) / (np.linalg.norm(fp32, axis=-1) * np.linalg.norm(bf16, axis=-1))
+    assert bf16.shape == (4, 37, 37, 1024) and np.isfinite(bf16).all()
+    assert cos.min() > 0.99, cos.min()

@@ -69,3 +69,28 @@ def test_run_with_dinov2_and_sam(tiny):
     assert set(np.unique(labels)) - {0} <= set(picks.column("instance_id").to_pylist())
     stores = list((out / "features").iterdir())
     assert len(stores) == 1 and stores[0].name.startswith("TS_01-")
+
+
+def _bench_encoders():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_encoders.py"
+    spec = importlib.util.spec_from_file_location("bench_encoders", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dinov2, sam", [("large", "vit_h"), ("tiny", "vit_tiny")])
+def test_benchmark_flop_counts_match_torchs_counter(dinov2, sam):
+    """The FLOP floor of bench_encoders.py: the architecture's count equals torch's FlopCounterMode
+    over the real modules (meta tensors). DINOv2 ViT-L/14 at 518 px with 4 registers: 1374 tokens;
+    SAM ViT-H at 1024 px: windowed and global blocks, relative positions, neck."""
+    bench = _bench_encoders()
+    flops = bench.check_flops(dinov2, 4, 518, sam)
+    for key, (analytic, counted) in flops.items():
+        assert analytic == counted, key
+    if dinov2 == "large":
+        assert flops["dinov2"][0] == pytest.approx(1.0171e12, rel=1e-4)
+        assert flops["sam"][0] == pytest.approx(5.9611e12, rel=1e-4)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
 
 from cryosam_ray.embedding_store import EmbeddingStore, tomogram_fingerprint
-from cryosam_ray.errors import PromptError, WeightsError
+from cryosam_ray.errors import ConfigError, PromptError, WeightsError
 from cryosam_ray.segmenters.base import PromptableSegmenter, SliceRequest
 from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, decode_masks
+from cryosam_ray.segmenters.sam_kernels import Fp32LayerNorm2d, SdpaAttention, patch_image_encoder, rel_pos_bias
 from cryosam_ray.tomo_io import open_tomogram, write_mrc
 
 LOW = 256  # SAM's low-res mask grid
@@ -118,6 +123,121 @@ def test_unknown_model_and_missing_checkpoint():
         build_sam("vit_h", None)
     with pytest.raises(WeightsError, match="no such file"):
         build_sam("vit_tiny", "/nonexistent/sam_vit_tiny.pth")
+
+
+# ---- the patched image encoder: SDPA attention, float32 LayerNorm2d ------------------------------
+
+def _with_rel_pos(encoder: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random relative-position tables (checkpoints carry trained ones; random init has zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, Attention):
+                module.rel_pos_h.copy_(0.5 * torch.randn(module.rel_pos_h.shape, generator=g))
+                module.rel_pos_w.copy_(0.5 * torch.randn(module.rel_pos_w.shape, generator=g))
+    return encoder
+
+
+def test_rel_pos_bias_is_segment_anythings_decomposed_terms():
+    torch.manual_seed(1)
+    b, heads, (h, w), c = 2, 3, (5, 7), 8
+    q = torch.randn(b, heads, h * w, c)
+    rel_h, rel_w = torch.randn(2 * h - 1, c), torch.randn(2 * w - 1, c)
+    zeros = torch.zeros(b * heads, h * w, h * w)
+    expected = add_decomposed_rel_pos(zeros, q.reshape(b * heads, h * w, c), rel_h, rel_w, (h, w), (h, w))
+    torch.testing.assert_close(rel_pos_bias(q, rel_h, rel_w, (h, w)), expected.view(b, heads, h * w, h * w))
+
+
+def test_sdpa_attention_equals_stock_attention_on_a_non_square_grid():
+    torch.manual_seed(2)
+    stock = _with_rel_pos(Attention(32, num_heads=4, use_rel_pos=True, input_size=(5, 7)))
+    sdpa = copy.deepcopy(stock)
+    sdpa.__class__ = SdpaAttention
+    x = torch.randn(3, 5, 7, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(sdpa(x), stock(x), rtol=1e-5, atol=1e-5)
+
+
+def test_patched_encoder_equals_segment_anything(tiny_sam):
+    """vit_tiny's block 0 is windowed (14 x 14 windows over a padded 70 x 70 grid), block 1 global."""
+    stock = _with_rel_pos(copy.deepcopy(tiny_sam.image_encoder))
+    patched = patch_image_encoder(copy.deepcopy(stock))
+    assert [type(b.attn) for b in patched.blocks] == [SdpaAttention, SdpaAttention]
+    assert {type(m) for m in patched.neck} >= {Fp32LayerNorm2d} and not any(type(m) is LayerNorm2d
+                                                                            for m in patched.modules())
+    assert patched.state_dict().keys() == stock.state_dict().keys()
+    eager = patch_image_encoder(copy.deepcopy(stock), attention="eager")
+    assert [type(b.attn) for b in eager.blocks] == [Attention, Attention]
+    x = torch.randn(2, 3, 1024, 1024)
+    with torch.inference_mode():
+        expected = stock(x)
+        torch.testing.assert_close(patched(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(eager(x), expected, rtol=0, atol=0)  # float32 LayerNorm2d: the same ops
+    with pytest.raises(ValueError, match="attention"):
+        patch_image_encoder(copy.deepcopy(stock), attention="flash")
+
+
+def test_segmenter_patches_at_load_and_sdpa_matches_eager(checkpoint, tomogram):
+    sdpa, eager = _seg(checkpoint), _seg(checkpoint, attention="eager")
+    assert type(sdpa.sam.image_encoder.blocks[0].attn) is SdpaAttention
+    assert type(eager.sam.image_encoder.blocks[0].attn) is Attention
+    assert sdpa.info().settings["attention"] == "sdpa" and sdpa.info().settings["precision"] == "fp32"
+    for seg in (sdpa, eager):
+        seg.set_tomogram(tomogram)
+        seg.embed_slices(0, [3, 4])
+    for i in (3, 4):  # float16 embeddings of float32 computations
+        torch.testing.assert_close(sdpa._lru[(0, i)], eager._lru[(0, i)], rtol=2e-3, atol=2e-3)
+
+
+def test_segmenter_precisions_on_cpu(checkpoint, tomogram, tmp_path):
+    """auto is fp32 on a CPU; bf16 autocasts the image encoder; fp16 casts its weights. Prompt
+    encoder and mask decoder stay float32. Embeddings are layer-normed (order 1)."""
+    segs = {p: _seg(checkpoint, precision=p, embedding_store=str(tmp_path / "emb")) for p in ("auto", "bf16", "fp16")}
+    assert segs["auto"].precision.name == "fp32"
+    assert next(segs["bf16"].sam.image_encoder.parameters()).dtype == torch.float32
+    assert next(segs["fp16"].sam.image_encoder.parameters()).dtype == torch.float16
+    for seg in segs.values():
+        assert next(seg.sam.mask_decoder.parameters()).dtype == torch.float32
+        seg.set_tomogram(tomogram)
+        seg.embed_slices(0, [3])
+    reference = segs["auto"]._lru[(0, 3)].float()
+    for name, tol in (("bf16", 0.1), ("fp16", 0.02)):
+        emb = segs[name]._lru[(0, 3)].float()
+        assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
+        torch.testing.assert_close(emb, reference, rtol=0, atol=tol, msg=name)
+    assert len({seg.store.url for seg in segs.values()}) == 3  # precision is part of the store signature
+    preds = segs["bf16"].predict([SliceRequest(0, 3, (10, 20))])
+    assert len(preds) == 1
+
+
+def test_out_of_memory_names_the_batch_size(checkpoint, tomogram, monkeypatch):
+    seg = _seg(checkpoint, batch_size=4)
+
+    def encoder(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(seg, "_image_encoder", encoder)
+    seg.set_tomogram(tomogram)
+    with pytest.raises(ConfigError, match=r"segmenter\.sam\.batch_size=4: .* lower segmenter\.sam\.batch_size "
+                       r"\(for example to 2\)"):
+        seg.embed_slices(0, [1, 2, 3])
+
+
+def test_compiled_encoder_sees_one_batch_shape(checkpoint, tomogram, monkeypatch):
+    """compile=True wraps the image encoder in torch.compile (dynamo with the eager backend here)
+    and pads the last batch to batch_size."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real(module, backend="eager", **kw))
+    seg = _seg(checkpoint, batch_size=2, compile=True)
+    plain = _seg(checkpoint)
+    shapes = []
+    seg.sam.image_encoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    for s in (seg, plain):
+        s.set_tomogram(tomogram)
+        s.embed_slices(0, [1, 2, 3])
+    assert shapes and set(shapes) == {(2, 3, 1024, 1024)}
+    for i in (1, 2, 3):
+        torch.testing.assert_close(seg._lru[(0, i)], plain._lru[(0, i)], rtol=2e-3, atol=2e-3)
 
 
 # ---- prediction ---------------------------------------------------------------------------------
@@ -363,13 +483,41 @@ def test_candidate_selection_filters_and_mask_input(checkpoint, long_tomogram):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_half_precision_encoder(checkpoint, tomogram):
+def test_cuda_default_precision_encoder(checkpoint, tomogram):
     seg = SamSegmenter(model_type="vit_tiny", checkpoint=checkpoint, min_area=0, min_pred_iou=-np.inf)
     assert seg.device.type == "cuda"
-    assert next(seg.sam.image_encoder.parameters()).dtype == torch.float16
+    assert seg.precision.name == ("bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp32")
+    assert next(seg.sam.image_encoder.parameters()).dtype == torch.float32  # autocast, not cast weights
     assert next(seg.sam.mask_decoder.parameters()).dtype == torch.float32
     seg.set_tomogram(tomogram)
     requests = [SliceRequest(0, 3, (10, 20)), SliceRequest(1, 20, (5, 40))]
     for req, pred in zip(requests, seg.predict(requests)):
         if pred is not None:
             _check_prediction(pred, tomogram, req)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_vit_h_bf16_and_safe_fp16_match_fp32(tmp_path):
+    """The real ViT-H image encoder with random weights (random relative positions): bf16
+    autocast and fp16 with float32 LayerNorm2d against fp32, by cosine per embedding vector."""
+    torch.manual_seed(0)
+    path = tmp_path / "vit_h.pth"
+    torch.save(_with_rel_pos(_random_vit_h()).state_dict(), path)
+    x = torch.randn(2, 3, 1024, 1024)
+    out = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        seg = SamSegmenter(model_type="vit_h", checkpoint=str(path), device="cuda", precision=precision)
+        with torch.inference_mode(), seg.precision.context(seg.device):
+            out[precision] = seg.sam.image_encoder(x.cuda().to(seg.precision.weights)).float()
+        del seg
+        torch.cuda.empty_cache()
+    for precision in ("bf16", "fp16"):
+        cos = torch.nn.functional.cosine_similarity(out[precision], out["fp32"], dim=1)
+        assert torch.isfinite(out[precision]).all() and cos.min() > 0.99, (precision, cos.min())
+
+
+def _random_vit_h():
+    from segment_anything.build_sam import _build_sam
+
+    return _build_sam(**SAM_ARCHITECTURES["vit_h"], checkpoint=None)

@@ -31,10 +31,15 @@ def save_tiny_sam(path: Path, seed: int = 0) -> str:
     return str(path)
 
 
-def save_tiny_dinov2(folder: Path, seed: int = 0) -> str:
-    """A tiny Dinov2Model folder (config.json + weights, as ``save_pretrained`` writes it)."""
+def save_tiny_dinov2(folder: Path, seed: int = 0, *, registers: int = 4) -> str:
+    """A tiny DINOv2 folder (config.json + weights, as ``save_pretrained`` writes it): with
+    ``registers`` > 0 a Dinov2WithRegistersModel (the paper's configuration), else a Dinov2Model."""
     torch.manual_seed(seed)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, patch_size=14, image_size=98)
-    transformers.Dinov2Model(config).save_pretrained(folder)
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
+                image_size=98)
+    if registers:
+        config = transformers.Dinov2WithRegistersConfig(**tiny, num_register_tokens=registers)
+        transformers.Dinov2WithRegistersModel(config).save_pretrained(folder)
+    else:
+        transformers.Dinov2Model(transformers.Dinov2Config(**tiny)).save_pretrained(folder)
     return str(folder)

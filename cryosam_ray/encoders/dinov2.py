@@ -17,8 +17,18 @@ The token grid always spans the whole slice (no padding, no crop), so token (i, 
 Weights come from where the user says: a local folder written by ``save_pretrained``
 (config.json + weights), an ``s3://`` (or other fsspec / http) URL of such a folder, fetched
 once through :func:`cryosam_ray.weights.resolve_weights`, or a Hugging Face hub id such as
-``facebook/dinov2-large`` (only with ``allow_hub=True``). ``config.json``'s model_type picks
-the class: ``dinov2`` -> ``Dinov2Model``, ``dinov2_with_registers`` -> ``Dinov2WithRegistersModel``.
+``facebook/dinov2-with-registers-large`` (only with ``allow_hub=True``). ``config.json``'s
+model_type picks the class: ``dinov2`` -> ``Dinov2Model`` (``facebook/dinov2-large``),
+``dinov2_with_registers`` -> ``Dinov2WithRegistersModel``. The default is ViT-L/14 with four
+registers, as the public CryoSAM code: without registers ViT-L writes high-norm artifact tokens
+into low-information regions (most of a cryo-ET slice), which distorts cosine matching.
+
+Speed: attention through ``torch.nn.functional.scaled_dot_product_attention`` (transformers'
+``attn_implementation="sdpa"``: flash attention on recent GPUs); ``precision`` "auto" runs the
+forward pass under bfloat16 autocast on GPUs with native bf16 (weights stay float32; layer norms,
+softmax and the residual stream in float32), float32 on CPUs; slices are resized on the device
+after a pinned-memory transfer, and a batch's tokens are copied back while the next batch runs.
+``compile=True`` wraps the model in ``torch.compile`` (partial batches padded to one shape).
 """
 
 from __future__ import annotations
@@ -35,12 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from cryosam_ray.errors import WeightsError
-from cryosam_ray.weights import file_fingerprint, resolve_weights
+from cryosam_ray.weights import batch_memory_guard, file_fingerprint, resolve_precision, resolve_weights, to_device
 
 log = logging.getLogger(__name__)
 
 _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ATTENTION = ("sdpa", "eager")
 # "facebook/dinov2-large" or "dinov2-large": what a hub id looks like (a local path that does not
 # exist and looks like this is tried on the hub, if allowed).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -58,21 +68,22 @@ def preprocess_slices(slices: np.ndarray, size: tuple[int, int], *, device: torc
     Args:
         slices: (N, A, B) float slices, already z-scored with the tomogram's statistics.
         size: (H, W) network input size in pixels.
-        device: where the returned tensor lives (the model's device).
+        device: where the returned tensor lives (the model's device); the slices travel at their
+            own size (pinned, non-blocking on CUDA) and are resized there.
         dtype: the returned tensor's dtype (the model's weights' dtype); resizing is done in float32.
 
     Returns:
         (N, 3, H, W) tensor: each slice resized bilinearly (align_corners False, no antialias)
         and replicated to three channels. No further intensity normalisation.
     """
-    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(device)[:, None]
+    x = to_device(np.asarray(slices, dtype=np.float32), torch.device(device))[:, None]
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
     return x.expand(-1, 3, -1, -1).to(dtype=dtype).contiguous()
 
 
 def load_dinov2(source: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                cache_dir: str | None = None, allow_hub: bool = True):
+                attention: str = "sdpa", cache_dir: str | None = None, allow_hub: bool = True):
     """Load a DINOv2 backbone (plain or with registers) from a local folder, a URL or a hub id.
 
     Args:
@@ -80,6 +91,8 @@ def load_dinov2(source: str, *, device: torch.device | str = "cpu", dtype: torch
             (``s3://bucket/models/dinov2-large``); or a hub id (``facebook/dinov2-large``).
         device: where to put the model.
         dtype: dtype of the weights.
+        attention: transformers' ``attn_implementation``: "sdpa" (scaled-dot-product / flash
+            attention) or "eager" (the reference softmax(QK^T)V).
         cache_dir: where remote folders (and hub downloads) are kept.
         allow_hub: whether a hub id may be loaded (from the local hub cache or the network).
 
@@ -113,8 +126,8 @@ def load_dinov2(source: str, *, device: torch.device | str = "cpu", dtype: torch
         raise WeightsError(source, f"config has model_type {config.model_type!r}; expected one of {_MODEL_TYPES}")
     cls = Dinov2Model if config.model_type == "dinov2" else Dinov2WithRegistersModel
     try:
-        model, info = cls.from_pretrained(where, config=config, dtype=dtype, output_loading_info=True,
-                                          **hub_kwargs)
+        model, info = cls.from_pretrained(where, config=config, dtype=dtype, attn_implementation=attention,
+                                          output_loading_info=True, **hub_kwargs)
     except Exception as exc:  # OSError (no weights file), SafetensorError, torch unpickling errors: no common base
         raise WeightsError(source, f"cannot load the {cls.__name__} weights ({type(exc).__name__}: {exc}); "
                            "expected model.safetensors or pytorch_model.bin next to config.json") from exc
@@ -183,45 +196,54 @@ class Dinov2Encoder:
 
     Args:
         model: local folder saved with ``save_pretrained``, an ``s3://`` (fsspec / http) URL of
-            one, or a Hugging Face hub id (only loaded when ``allow_hub``).
+            one, or a Hugging Face hub id (only loaded when ``allow_hub``); by default ViT-L/14
+            with registers (``facebook/dinov2-with-registers-large``), as the public CryoSAM code.
         image_size: network input side in pixels (518 in the paper: 37 x 37 tokens of 14 px).
         keep_aspect: False (the public code): every slice is stretched to image_size x image_size.
             True: the longest side goes to image_size, the other is scaled and rounded to a
             multiple of the patch size.
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (GPU memory grows with it; an out-of-memory batch
+            raises a ConfigError naming ``encoder.dinov2.batch_size``).
         device: "cuda", "cuda:N", "cpu" ...; None: cuda when available, else cpu.
-        dtype: "auto" (float16 on cuda, float32 on cpu), "float32", "float16" or "bfloat16".
+        precision: "auto" (bf16 on a GPU with native bfloat16, else fp32), "fp32", "bf16"
+            (float32 weights, bfloat16 autocast) or "fp16" (float16 weights, no autocast: the
+            old half-precision path; float16's range is 6.5e4, so large activations overflow).
+        attention: "sdpa" (scaled-dot-product / flash attention) or "eager".
+        compile: wrap the model in ``torch.compile`` (slower first batch; off by default).
         cache_dir: where remote weights are kept (see :func:`~cryosam_ray.weights.resolve_weights`).
         allow_hub: whether ``model`` may be a hub id.
 
     Raises:
         WeightsError: the weights cannot be found, are not DINOv2, or cannot be loaded (see
             :func:`load_dinov2`).
+        ConfigError: an unknown precision, or bf16 on a GPU without native bfloat16.
         ValueError: a setting is out of range (image_size below the patch size, batch_size < 1,
-            unknown dtype or device).
+            unknown attention or device).
     """
 
     name = "dinov2"
 
-    def __init__(self, *, model: str = "facebook/dinov2-large", image_size: int = 518, keep_aspect: bool = False,
-                 batch_size: int = 16, device: str | None = None, dtype: str = "auto",
-                 cache_dir: str | None = None, allow_hub: bool = True):
+    def __init__(self, *, model: str = "facebook/dinov2-with-registers-large", image_size: int = 518,
+                 keep_aspect: bool = False, batch_size: int = 16, device: str | None = None, precision: str = "auto",
+                 attention: str = "sdpa", compile: bool = False, cache_dir: str | None = None, allow_hub: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+        if attention not in _ATTENTION:
+            raise ValueError(f"attention must be one of {_ATTENTION}, got {attention!r}")
         try:
             self.device = torch.device(device if device is not None else
                                        ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as exc:
             raise ValueError(f"device must be like 'cuda', 'cuda:0' or 'cpu', got {device!r}") from exc
-        want = _DTYPES[dtype] if dtype != "auto" else (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.source = str(model)
-        self.model, self.config, self.local_path = load_dinov2(self.source, device=self.device, dtype=want,
+        self.precision = resolve_precision(precision, self.device, setting="encoder.dinov2.precision")
+        self.source, self.attention, self.compile = str(model), attention, bool(compile)
+        self.model, self.config, self.local_path = load_dinov2(self.source, device=self.device,
+                                                               dtype=self.precision.weights, attention=attention,
                                                                cache_dir=cache_dir, allow_hub=allow_hub)
         # Device follows the model, dtype follows the weights.
         first = next(self.model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        self._forward = torch.compile(self.model, dynamic=False) if self.compile else self.model
         self.patch_size = int(self.config.patch_size)
         if int(image_size) < self.patch_size:
             raise ValueError(f"image_size must be at least the patch size {self.patch_size}, got {image_size}")
@@ -229,10 +251,10 @@ class Dinov2Encoder:
         self.num_register_tokens = int(getattr(self.config, "num_register_tokens", 0) or 0)
         self.feature_dim = int(self.config.hidden_size)
         self._weights_id: str | None = None
-        log.info("DINOv2 %s (%s, %d layers, C=%d, %d registers) on %s in %s, input %d px%s", self.source,
-                 self.config.model_type, self.config.num_hidden_layers, self.feature_dim, self.num_register_tokens,
-                 self.device, str(self.dtype).removeprefix("torch."), self.image_size,
-                 " (aspect kept)" if self.keep_aspect else "")
+        log.info("DINOv2 %s (%s, %d layers, C=%d, %d registers) on %s in %s (%s attention%s), input %d px%s",
+                 self.source, self.config.model_type, self.config.num_hidden_layers, self.feature_dim,
+                 self.num_register_tokens, self.device, self.precision.name, attention,
+                 ", compiled" if self.compile else "", self.image_size, " (aspect kept)" if self.keep_aspect else "")
 
     def input_shape(self, slice_shape: tuple[int, int]) -> tuple[int, int]:
         """(H, W) pixels the network sees for an (A, B) slice."""
@@ -267,27 +289,46 @@ class Dinov2Encoder:
         """(N, A, B) float32 normalised slices -> (N, h, w, C) float32 patch tokens (numpy, CPU).
 
         ``(h, w) = token_grid((A, B))``, ``C = feature_dim``. The CLS token and any register tokens
-        are dropped; tokens are the final layer's layer-normed ``last_hidden_state``.
+        are dropped; tokens are the final layer's layer-normed ``last_hidden_state``. Slices go
+        through the model ``batch_size`` at a time; only one batch's tokens and the next one's
+        are on the device at once.
+
+        Raises:
+            ConfigError: a batch does not fit in the GPU's memory (names ``encoder.dinov2.batch_size``).
         """
         slices = np.asarray(slices, dtype=np.float32)
         if slices.ndim != 3:
             raise ValueError(f"expected (N, A, B) slices, got shape {slices.shape}")
         n = slices.shape[0]
         size = self.input_shape(slices.shape[1:])
-        h, w = size[0] // self.patch_size, size[1] // self.patch_size
-        out = np.empty((n, h, w, self.feature_dim), dtype=np.float32)
-        skip = 1 + self.num_register_tokens
+        grid = (size[0] // self.patch_size, size[1] // self.patch_size)
+        out = np.empty((n, *grid, self.feature_dim), dtype=np.float32)
+        pending = None  # the previous batch, its tokens on their way to the host
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
-                pixels = preprocess_slices(slices[start:stop], size, device=self.device, dtype=self.dtype)
-                tokens = self.model(pixel_values=pixels).last_hidden_state[:, skip:]
-                if tokens.shape[1] != h * w:  # guards the register / grid bookkeeping
-                    raise RuntimeError(f"expected {h}x{w}={h * w} patch tokens from {size} input, got "
-                                       f"{tokens.shape[1]}")
-                out[start:stop] = tokens.reshape(stop - start, h, w, self.feature_dim).float().cpu().numpy()
+                with batch_memory_guard("encoder.dinov2.batch_size", self.batch_size, self.device):
+                    tokens = self._tokens(slices[start:stop], size, grid)
+                if pending is not None:  # collected after the next batch is queued: the GPU stays busy
+                    _collect(out, *pending)
+                pending = (start, stop, *_to_host(tokens))
                 log.debug("encoded slices %d-%d of %d", start, stop, n)
+        if pending is not None:
+            _collect(out, *pending)
         return out
+
+    def _tokens(self, batch: np.ndarray, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+        """(b, h, w, C) patch tokens of a (b, A, B) batch, on the device (queued, not waited for)."""
+        b = len(batch)
+        pixels = preprocess_slices(batch, size, device=self.device, dtype=self.dtype)
+        if self.compile and b < self.batch_size:  # one input shape: no recompilation for the last batch
+            pixels = torch.cat([pixels, pixels.new_zeros(self.batch_size - b, *pixels.shape[1:])])
+        with self.precision.context(self.device):
+            hidden = self._forward(pixel_values=pixels).last_hidden_state[:b, 1 + self.num_register_tokens:]
+        if hidden.shape[1] != grid[0] * grid[1]:  # guards the register / grid bookkeeping
+            raise RuntimeError(f"expected {grid[0]}x{grid[1]}={grid[0] * grid[1]} patch tokens from {size} input, "
+                               f"got {hidden.shape[1]}")
+        return hidden.reshape(b, *grid, self.feature_dim)
 
     def signature(self) -> dict:
         """Everything that changes the output, JSON-serialisable, for feature-store keys.
@@ -307,8 +348,29 @@ class Dinov2Encoder:
                 "hidden_size": self.feature_dim, "num_layers": int(self.config.num_hidden_layers),
                 "num_register_tokens": self.num_register_tokens, "patch_size": self.patch_size,
                 "image_size": self.image_size, "keep_aspect": self.keep_aspect,
-                "dtype": str(self.dtype).removeprefix("torch."), "preprocessing": _PREPROCESSING}
+                "precision": self.precision.name, "preprocessing": _PREPROCESSING}
 
     def __repr__(self) -> str:
         return (f"Dinov2Encoder(model={self.source!r}, image_size={self.image_size}, keep_aspect={self.keep_aspect}, "
-                f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r})")
+                f"device={str(self.device)!r}, precision={self.precision.name!r})")
+
+
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying device tokens to host memory: (host tensor, event marking the copy's end).
+
+    On CUDA the copy goes into pinned memory without blocking; on the CPU it is done at once.
+    """
+    if tokens.device.type != "cuda":
+        return tokens.float(), None
+    host = torch.empty(tokens.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _collect(out: np.ndarray, start: int, stop: int, host: torch.Tensor, done) -> None:
+    """Wait for a batch's copy (:func:`_to_host`) and write it into ``out[start:stop]``."""
+    if done is not None:
+        done.synchronize()
+    out[start:stop] = host.numpy()

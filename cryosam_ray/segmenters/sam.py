@@ -6,9 +6,20 @@ implements :class:`~cryosam_ray.segmenters.base.PromptableSegmenter`:
 
 - Slices are normalised with the tomogram's robust statistics (clipped at +-``clip_sigma``),
   mapped linearly to 0..255, repeated to 3 channels, resized so the long side is 1024 and
-  padded, exactly as ``SamPredictor.set_torch_image`` prepares an image. The image encoder runs
-  over batches of ``batch_size`` slices; embeddings (256 x 64 x 64, float16) are kept in an LRU
-  keyed by (axis, index) and, optionally, in a zarr :class:`~cryosam_ray.embedding_store.EmbeddingStore`.
+  padded, exactly as ``SamPredictor.set_torch_image`` prepares an image (on the device, after a
+  pinned-memory transfer). The image encoder runs over batches of ``batch_size`` slices;
+  embeddings (256 x 64 x 64, float16) are kept in an LRU keyed by (axis, index) and, optionally,
+  in a zarr :class:`~cryosam_ray.embedding_store.EmbeddingStore`.
+- Precision (``precision``, see :func:`~cryosam_ray.weights.resolve_precision`): "auto" runs the
+  image encoder under bfloat16 autocast on GPUs with native bf16 (float32 weights, bf16's float32
+  exponent range), float32 on CPUs. "fp16" casts the encoder's weights to float16, as the stock
+  ``SamPredictor`` examples do, but every ``LayerNorm2d`` computes in float32: the stock module
+  squares ``x - mean`` in the input dtype, which overflows float16 at ViT-H's activation scale
+  and silently gives empty or whole-slice masks (segment-anything issues 540 and 696). Other
+  float16 overflows in ViT-H are not ruled out, so fp16 is not recommended.
+- :func:`patch_image_encoder` (applied at load) computes attention with
+  ``F.scaled_dot_product_attention``, the decomposed relative-position terms as its additive mask
+  (``attention="sdpa"``; "eager" keeps segment-anything's own), and makes ``LayerNorm2d`` float32.
 - One prompt-encoder and one mask-decoder call answer every request of a :meth:`~SamSegmenter.predict`
   batch (up to ``decode_batch`` at a time), even when the requests lie on different slices:
   :func:`decode_masks` is ``MaskDecoder.predict_masks`` with one image embedding per prompt.
@@ -36,7 +47,8 @@ from torch.nn import functional as F
 from cryosam_ray.embedding_store import EmbeddingStore, signature, tomogram_fingerprint
 from cryosam_ray.errors import PromptError, WeightsError
 from cryosam_ray.segmenters.base import SegmenterInfo, SlicePrediction, SliceRequest, area_cap
-from cryosam_ray.weights import file_fingerprint, resolve_weights
+from cryosam_ray.segmenters.sam_kernels import patch_image_encoder
+from cryosam_ray.weights import batch_memory_guard, file_fingerprint, resolve_precision, resolve_weights, to_device
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +217,14 @@ class SamSegmenter:
     Args:
         model_type: "vit_h", "vit_l", "vit_b" (or "vit_tiny" for tests).
         checkpoint: local path, s3:// or http(s):// URL of the weights.
-        device: "cuda", "cuda:N" or "cpu"; None: cuda when available. The image encoder runs in
-            float16 on cuda, float32 on cpu; prompt encoder and decoder in float32.
-        batch_size: slices per image-encoder call.
+        device: "cuda", "cuda:N" or "cpu"; None: cuda when available.
+        precision: the image encoder's: "auto" (bf16 autocast on a GPU with native bfloat16,
+            else fp32), "fp32", "bf16" or "fp16" (float16 weights, LayerNorm2d in float32; not
+            recommended for ViT-H). Prompt encoder and mask decoder always run in float32.
+        attention: "sdpa" (``F.scaled_dot_product_attention``) or "eager" (segment-anything's).
+        compile: wrap the image encoder in ``torch.compile`` (partial batches padded to one shape).
+        batch_size: slices per image-encoder call (an out-of-memory batch raises a ConfigError
+            naming ``segmenter.sam.batch_size``).
         embedding_store: zarr URL (local or fsspec) caching embeddings across runs; None: memory only.
         cache_dir: where downloaded checkpoints are kept.
         min_area, max_area: accepted mask area in pixels (``max_area`` None: no cap); an empty
@@ -226,6 +243,7 @@ class SamSegmenter:
     name = "sam"
 
     def __init__(self, *, model_type: str = "vit_h", checkpoint: str | None = None, device: str | None = None,
+                 precision: str = "auto", attention: str = "sdpa", compile: bool = False,
                  batch_size: int = 8, embedding_store: str | None = None, cache_dir: str | None = None,
                  min_area: int = 16, max_area: int | None = None, min_pred_iou: float = 0.0,
                  mask_input: str = "logits", multimask: bool = True, window_margin: int = 16,
@@ -243,14 +261,17 @@ class SamSegmenter:
         self.window_margin, self.clip_sigma = window_margin, clip_sigma
         self.cache_slices, self.decode_batch = cache_slices, decode_batch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(precision, self.device, setting="segmenter.sam.precision")
+        self.attention, self.compile = attention, bool(compile)
         path = None if checkpoint is None else resolve_weights(checkpoint, cache_dir=cache_dir)
         self.sam = build_sam(model_type, None if path is None else str(path), device=self.device)
         self.sam.float()
-        if self.device.type == "cuda":
-            self.sam.image_encoder.half()
+        weights_id = file_fingerprint(path) if path is not None else _parameters_digest(self.sam)
+        patch_image_encoder(self.sam.image_encoder, attention=attention).to(self.precision.weights)
+        self._image_encoder = (torch.compile(self.sam.image_encoder, dynamic=False) if self.compile
+                               else self.sam.image_encoder)
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
-        self._model_id = {"model_type": model_type,
-                          "weights": file_fingerprint(path) if path is not None else _parameters_digest(self.sam)}
+        self._model_id = {"model_type": model_type, "weights": weights_id, "precision": self.precision.name}
         pe = self.sam.prompt_encoder
         self.embedding_shape = (pe.embed_dim, *pe.image_embedding_size)
         self._tomogram = None
@@ -260,10 +281,11 @@ class SamSegmenter:
 
     def info(self) -> SegmenterInfo:
         """Name and settings, for run manifests."""
-        settings = {k: getattr(self, k) for k in ("model_type", "batch_size", "min_area", "max_area", "min_pred_iou",
-                                                  "mask_input", "multimask", "multimask_steps", "window_margin",
-                                                  "clip_sigma")}
-        return SegmenterInfo(self.name, {**settings, "weights": self._model_id["weights"]})
+        settings = {k: getattr(self, k) for k in ("model_type", "attention", "batch_size", "min_area", "max_area",
+                                                  "min_pred_iou", "mask_input", "multimask", "multimask_steps",
+                                                  "window_margin", "clip_sigma")}
+        return SegmenterInfo(self.name, {**settings, "precision": self.precision.name,
+                                         "weights": self._model_id["weights"]})
 
     def _preprocessing_id(self) -> dict:
         return {"clip_sigma": float(self.clip_sigma), "img_size": int(self.sam.image_encoder.img_size),
@@ -320,10 +342,18 @@ class SamSegmenter:
         return out
 
     def _encode(self, axis: int, indices: list[int]) -> dict[int, torch.Tensor]:
-        """Run the image encoder on slices ``indices`` of ``axis``; remember and store the result."""
-        images = torch.from_numpy(self._slice_images(axis, indices)).to(self.device)
-        dtype = next(self.sam.image_encoder.parameters()).dtype
-        emb = self.sam.image_encoder(preprocess_slices(images, self.sam).to(dtype)).to(torch.float16)
+        """Run the image encoder on slices ``indices`` of ``axis``; remember and store the result.
+
+        Raises:
+            ConfigError: the batch does not fit in the GPU's memory (names ``segmenter.sam.batch_size``).
+        """
+        images = to_device(self._slice_images(axis, indices), self.device)
+        with batch_memory_guard("segmenter.sam.batch_size", self.batch_size, self.device):
+            x = preprocess_slices(images, self.sam).to(self.precision.weights)
+            if self.compile and len(indices) < self.batch_size:  # one input shape: no recompilation
+                x = torch.cat([x, x.new_zeros(self.batch_size - len(indices), *x.shape[1:])])
+            with self.precision.context(self.device):
+                emb = self._image_encoder(x)[:len(indices)].to(torch.float16)
         log.debug("%s: encoded %d slices of axis %d", self._tomogram.name, len(indices), axis)
         if self.store is not None:
             self.store.put(axis, indices, emb.cpu().numpy())
