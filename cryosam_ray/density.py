@@ -11,13 +11,14 @@ Weight-free and encoder-independent, so the decisions built on it hold for any e
   particle, and shell radii are fractions of r, so the profile of a prompt describes its kind
   (a solid ball, a hollow barrel, an elongated dimer) at any voxel size.
 
-A candidate's **density score** (:func:`density_scores`) adds two robust z-scores over the
-candidate pool of its class and tomogram: how strongly it stands out at the prompts' scale
-(blob contrast), and how close its shells are to the prompts' (each shell in units of its
-spread over the pool). It needs no threshold fitted to one encoder or one dataset.
+A candidate's **density score** (:func:`density_scores`, :class:`DensityScorer`) adds two robust
+z-scores over the candidate pool of its class and tomogram: how strongly it stands out at the
+prompts' scale (blob contrast), and how close its shells are to the prompts' (each shell in
+units of its spread over the pool). It needs no threshold fitted to one encoder or one dataset.
+:func:`density_proposals` builds that pool per class (feature proposals plus blobs) and ranks it.
 
-For particles over 6 voxels in radius the density is block-averaged first (:func:`bin_factor`),
-so a descriptor costs about the same at any pixel size.
+For particles of 12 voxels in radius or more the density is block-averaged first
+(:func:`bin_factor`), so a descriptor costs about the same at any pixel size.
 """
 
 from __future__ import annotations
