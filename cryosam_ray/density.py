@@ -243,6 +243,15 @@ class DensityScorer:
         return self.statistics.apply(*self._measure(zyx), self.query_shells)
 
 
+def density_map(maps: dict[int, DensityMap], tomogram, radius: float) -> DensityMap:
+    """The tomogram's :class:`DensityMap` at the binning for ``radius``, built once per binning
+    (reading and normalising the whole tomogram) and kept in ``maps``."""
+    bin = bin_factor(radius)
+    if bin not in maps:
+        maps[bin] = DensityMap(tomogram, bin)
+    return maps[bin]
+
+
 def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[str, Proposals],
                       prompts: list[Particle], cfg: CryoSamConfig):
     """Each class's proposals with blobs at its scale added (``density.blobs``) and, with
@@ -251,7 +260,7 @@ def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[
     The pool is the feature-matching proposals and, with blobs, the ``density.pool`` strongest
     blobs at the class's scale; all are scored against the pool's statistics, near-duplicates
     (within the class radius) keep the best, and the best ``matching.top_k`` are kept, their
-    scores as ``similarity`` and minus their shell distance as ``shape``. This tomogram's prompts
+    scores as ``similarity``. This tomogram's prompts
     get their score (at the click) as ``score``. With the features score, blob and feature
     proposals alternate, each best first.
 
@@ -268,7 +277,7 @@ def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[
             out[cls] = found
             continue
         radius = query.radius
-        dmap = maps.setdefault(bin_factor(radius), DensityMap(tomogram, bin_factor(radius)))
+        dmap = density_map(maps, tomogram, radius)
         if d.score != "density":
             blobs, strength = dmap.peaks(radius, query.polarity, cfg.matching.top_k)
             out[cls] = _alternate(found, Proposals(blobs, strength.astype(np.float32), len(strength)),
@@ -282,9 +291,9 @@ def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[
             out[cls] = found
             continue
         scorer = scorers[cls] = DensityScorer(dmap, query.shells, radius, query.polarity, d.shells, d.reach)
-        scores, shape = scorer.fit(zyx)
+        scores, _ = scorer.fit(zyx)
         keep = nms(zyx, scores, radius=radius, top_k=cfg.matching.top_k)
-        out[cls] = Proposals(zyx[keep], scores[keep].astype(np.float32), found.evaluated, shape=shape[keep])
+        out[cls] = Proposals(zyx[keep], scores[keep].astype(np.float32), found.evaluated)
         mine = [p for p in prompts if p.cls == cls]
         for particle, score in zip(mine, scorer.score(np.array([p.instance.prompt for p in mine]))[0]):
             particle.score = float(score)

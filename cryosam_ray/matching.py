@@ -44,13 +44,11 @@ class Proposals:
         zyx: (K, 3) float voxel coordinates.
         similarity: (K,) cosine similarity with the query (or the density score, once ranked by it).
         evaluated: voxels (or cells) scored, over all levels: the work done.
-        shape: (K,) shape part of the density score, once ranked by it (None before).
     """
 
     zyx: np.ndarray
     similarity: np.ndarray
     evaluated: int = 0
-    shape: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.similarity)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cryosam_ray.config import CryoSamConfig
-from cryosam_ray.density import DensityMap, DensityProfile, bin_factor, density_proposals
+from cryosam_ray.density import DensityMap, DensityProfile, density_map, density_proposals
 from cryosam_ray.features import FeatureVolume
 from cryosam_ray.matching import Proposals, SimilarityField, auto_ratios, hierarchical_match, naive_match, query_feature
 from cryosam_ray.propagation import Instance, propagate
@@ -121,7 +121,7 @@ def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: Cry
         maps: dict[int, DensityMap] = {}
         for particle in particles:
             radius = equivalent_radius(particle.instance.voxel_count)
-            dmap = maps.setdefault(bin_factor(radius), DensityMap(tomogram, bin_factor(radius)))
+            dmap = density_map(maps, tomogram, radius)
             particle.density = dmap.profile(np.asarray(particle.instance.prompt), particle.voxels(), radius,
                                             count=cfg.density.shells, reach=cfg.density.reach)
     return particles
@@ -266,8 +266,7 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
             if claimed[z0:z1, y0:y1, x0:x1][inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
                 continue  # the same particle as one found before
             inst.paste(claimed, True)
-            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i]),
-                                  class_score=math.nan if proposals.shape is None else float(proposals.shape[i])))
+            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i])))
     score_particles(volume, found, {query.cls: query}, cfg.matching.similarity)
     log.info("%s: %d %s candidates from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
     return found
