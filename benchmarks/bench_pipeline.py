@@ -110,8 +110,11 @@ def run_gpu(args) -> None:
     from cryosam_ray.config import load_config
     from cryosam_ray.encoders import build_encoder
     from cryosam_ray.features import AxisMaps, FeatureVolume, encode_shard, slice_shape
-    from cryosam_ray.pipeline import (build_queries, match_classes, particles_of_tomogram, segment_prompts,
-                                      write_tomogram_outputs)
+    from cryosam_ray.stages.match import match_classes
+    from cryosam_ray.stages.outputs import write_masks
+    from cryosam_ray.stages.particles import particles_of_tomogram
+    from cryosam_ray.stages.prompts import segment_prompts
+    from cryosam_ray.stages.query import build_queries
     from cryosam_ray.segmenters import build_segmenter
     from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES
     from cryosam_ray.synth import SynthSettings, synthesize
@@ -198,7 +201,7 @@ def run_gpu(args) -> None:
         proposals = clock.timed("matching", match_classes)(volume, queries, cfg) if queries else {}
         found = propagation("proposal propagation", particles_of_tomogram, tomo, volume, queries, proposals,
                             particles, segmenter, cfg) if queries else []
-        clock.timed("writing", write_tomogram_outputs)(str(tmp / "out"), tomo, found, sorted(queries))
+        clock.timed("writing", write_masks)(str(tmp / "out"), tomo, found, sorted(queries))
         wall = clock.now() - wall
 
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -251,7 +254,7 @@ def main() -> None:
     import ray
 
     from cryosam_ray.config import load_config
-    from cryosam_ray.runner import run_in_process
+    from cryosam_ray.executors.in_process import run_in_process
     from cryosam_ray.synth import SynthSettings, write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,7 +273,7 @@ def main() -> None:
         t = time.perf_counter()
         ray.init(address="local", num_cpus=args.cpus, log_to_driver=False)
         startup = time.perf_counter() - t
-        from cryosam_ray.ray_runner import run_on_ray
+        from cryosam_ray.executors.on_ray import run_on_ray
 
         for workers in (1, 2):
             share = args.cpus / (2 * workers + 2)  # actors plus two tasks fit: none waits for CPUs forever

@@ -51,7 +51,7 @@ from cryosam_ray.config import load_config, parse_override
 from cryosam_ray.errors import CryoSamError
 from cryosam_ray.evaluate import evaluate_picks, match_points
 from cryosam_ray.ranking import RECALL_MULTIPLES
-from cryosam_ray.runner import run_in_process
+from cryosam_ray.executors.in_process import run_in_process
 from cryosam_ray.synth import SynthSettings, write_dataset
 from cryosam_ray.tables import empty_picks_table, picks_table, read_picks, read_truth
 from cryosam_ray.tomo_io import read_mrc
@@ -266,8 +266,8 @@ def run_cryosam(label: str, data: Dataset, prompts: list[dict], k: int, out_dir:
     try:
         summary = run_in_process(data.tomograms, str(prompts_csv), str(out_dir), cfg)
         picks = read_picks(str(out_dir / "picks.parquet"))
-        for outcome in summary.failed:
-            log.warning("%s: tomogram %s failed: %s", label, outcome.name, outcome.error)
+        for record in summary.failed:
+            log.warning("%s: tomogram %s failed: %s", label, record.name, record.error)
     except CryoSamError as exc:
         log.error("%s: the run failed: %s", label, exc)
         error, picks = str(exc), empty_picks_table()

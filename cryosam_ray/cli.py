@@ -161,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cryosam_ray.segment import run_segment
+    from cryosam_ray.segment_command import run_segment
 
     cfg = _load(args, {"segmenter.backend": args.backend, "segmenter.sam.checkpoint": args.checkpoint,
                        "propagation.directions": args.directions, "io.voxel_size_a": args.voxel_size})
@@ -176,20 +176,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, {"io.voxel_size_a": args.voxel_size, "ray.address": args.address})
     if cfg.ray.address == "none":
-        from cryosam_ray.runner import run_in_process
+        from cryosam_ray.executors.in_process import run_in_process
 
-        if args.incremental:
-            raise CryoSamError("--incremental needs the Ray runner's per-tomogram records: drop --address none")
-        summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast)
+        summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
+                                 incremental=args.incremental)
     else:
-        from cryosam_ray.ray_runner import run_on_ray
+        from cryosam_ray.executors.on_ray import run_on_ray
 
         summary = run_on_ray(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
                              progress=not args.no_progress, incremental=args.incremental)
-    for outcome in sorted(summary.outcomes, key=lambda o: o.name):
-        state = {"done": f"{outcome.picks} particles", "skipped": f"{outcome.picks} particles (done before)",
-                 "failed": f"FAILED: {outcome.error}"}[outcome.status]
-        print(f"{outcome.name}: {state}")
+    for record in summary.records:
+        state = {"done": f"{len(record.picks)} picks", "skipped": f"{len(record.picks)} picks (done before)",
+                 "failed": f"FAILED: {record.error}"}[record.status]
+        print(f"{record.name}: {state}")
     print(f"wrote {args.out.rstrip('/')}/picks.parquet, picks.csv, picks.star, masks/ and run.json")
     return 1 if summary.failed else 0
 

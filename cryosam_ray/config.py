@@ -286,7 +286,7 @@ class PoolConfig(_Section):
 
 
 class RayConfig(_Section):
-    """The Ray wiring of ``cryosam run`` (see :mod:`cryosam_ray.ray_runner`)."""
+    """The Ray wiring of ``cryosam run`` (see :mod:`cryosam_ray.executors.on_ray`)."""
 
     address: str = Field("local", description="local: start a Ray for this run; auto: the running cluster; "
                          "ray://host:10001: a remote cluster; none: run in this process without Ray.")

@@ -32,9 +32,9 @@ from scipy import ndimage
 
 from cryosam_ray.matching import Proposals, nms
 
-if TYPE_CHECKING:  # the pipeline imports this module
+if TYPE_CHECKING:  # the stages import this module
     from cryosam_ray.config import CryoSamConfig
-    from cryosam_ray.pipeline import ClassQuery, Particle
+    from cryosam_ray.particle import ClassQuery, Particle
 
 _MAD_TO_STD = 1.4826
 

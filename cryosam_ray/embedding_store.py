@@ -22,30 +22,13 @@ import json
 import logging
 from typing import Sequence
 
-import fsspec
 import numpy as np
 
-from cryosam_ray.tomo_io import is_remote
+from cryosam_ray.storage import DoneFlags, filesystem, join, open_group, retry_on_race
 
 log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
-
-
-def tomogram_fingerprint(tomogram) -> dict:
-    """What identifies a tomogram's data: url, shape, dtype, voxel size, robust stats, file size.
-
-    ``tomogram`` is a :class:`~cryosam_ray.tomo_io.Tomogram`; its stats are computed if needed.
-    """
-    try:
-        fs, path = fsspec.core.url_to_fs(tomogram.url)
-        size = int(fs.size(path) or 0)
-    except (OSError, ValueError, TypeError):  # a zarr folder has no single size
-        size = None
-    stats = tomogram.stats
-    return {"url": tomogram.url, "shape": list(tomogram.shape), "dtype": str(tomogram.dtype),
-            "voxel_size_a": round(float(tomogram.voxel_size_a), 6), "mean": float(np.float32(stats.mean)),
-            "std": float(np.float32(stats.std)), "file_size": size}
 
 
 def signature(*parts: dict) -> str:
@@ -69,17 +52,11 @@ class EmbeddingStore:
     def __init__(self, url: str, signature: str, *, volume_shape: Sequence[int],
                  embedding_shape: Sequence[int] = (256, 64, 64), description: dict | None = None,
                  storage_options: dict | None = None):
-        import zarr
-
-        self.url = f"{str(url).rstrip('/')}/{signature}"
+        self.url = join(url, signature)
         self.signature = signature
         self.volume_shape = tuple(int(s) for s in volume_shape)
         self.embedding_shape = tuple(int(s) for s in embedding_shape)
-        if is_remote(self.url):
-            store = zarr.storage.FsspecStore.from_url(self.url, storage_options=storage_options or {})
-        else:
-            store = fsspec.core.url_to_fs(self.url)[1]
-        self._group = _retry_on_race(lambda: zarr.open_group(store=store, mode="a"))
+        self._group = open_group(self.url, "a", storage_options)
         if description is not None and "description" not in self._group.attrs:
             self._group.attrs["description"] = description
         self._arrays: dict[int, tuple] = {}
@@ -93,23 +70,17 @@ class EmbeddingStore:
             if axis not in (0, 1, 2):
                 raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
             n, g = self.volume_shape[axis], self._group
-            emb = _retry_on_race(lambda: g.require_array(f"axis{axis}", shape=(n, *self.embedding_shape),
+            emb = retry_on_race(lambda: g.require_array(f"axis{axis}", shape=(n, *self.embedding_shape),
                                                          dtype="float16", chunks=(1, *self.embedding_shape),
                                                          fill_value=0))
-            done = _retry_on_race(lambda: g.require_array(f"done{axis}", shape=(n,), dtype="bool", chunks=(1,),
-                                                          fill_value=False))
+            done = DoneFlags.create(g, f"done{axis}", n, reset=False)
             self._arrays[axis] = (emb, done)
         return self._arrays[axis]
 
     def done(self, axis: int, indices: Sequence[int] | None = None) -> np.ndarray:
         """Bool flags of ``indices`` (default: every slice of ``axis``): True where stored."""
         _, done = self._axis(axis)
-        if indices is None:
-            return np.asarray(done[:], dtype=bool)
-        idx = np.asarray(list(indices), dtype=np.int64)
-        if idx.size == 0:
-            return np.zeros(0, dtype=bool)
-        return np.asarray(done.get_orthogonal_selection((idx,)), dtype=bool)
+        return done.all() if indices is None else done.get(indices)
 
     def get(self, axis: int, index: int) -> np.ndarray | None:
         """The (C, h, w) float16 embedding of one slice, or None if it is not stored."""
@@ -145,15 +116,5 @@ class EmbeddingStore:
         idx, embeddings = idx[order], embeddings[order]
         emb, done = self._axis(axis)
         emb.set_orthogonal_selection((idx,), embeddings)
-        done.set_orthogonal_selection((idx,), np.ones(idx.size, dtype=bool))
+        done.set(idx)
         log.debug("%s: stored %d embeddings of axis %d", self.url, idx.size, axis)
-
-
-def _retry_on_race(create):
-    """Run ``create`` (open-or-create of a zarr node); once more if another worker created it meanwhile."""
-    import zarr.errors
-
-    try:
-        return create()
-    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
-        return create()

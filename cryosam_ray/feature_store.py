@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import logging
 
-import fsspec
 import numpy as np
-import zarr
 
-from cryosam_ray.tomo_io import is_remote
+from cryosam_ray.storage import DoneFlags, join, open_group
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +31,19 @@ class FeatureStore:
 
     @staticmethod
     def group_url(store_url: str, key: str) -> str:
-        return f"{str(store_url).rstrip('/')}/{key}"
+        return join(store_url, key)
 
     @classmethod
-    def open(cls, group_url: str, mode: str = "r+") -> "FeatureStore":
+    def open(cls, group_url: str, mode: str = "r+", storage_options: dict | None = None) -> "FeatureStore":
         """An existing group (``mode="r"`` to only read)."""
-        store = fsspec.get_mapper(group_url) if is_remote(group_url) else group_url
-        return cls(zarr.open_group(store=store, mode=mode), group_url)
+        return cls(open_group(group_url, mode, storage_options), group_url)
 
     @classmethod
     def create(cls, group_url: str, *, shape: tuple[int, int, int], tomogram_url: str, encoder_signature: dict,
-               grids: list[tuple[int, int]], channels: int, shard_slices: int) -> "FeatureStore":
+               grids: list[tuple[int, int]], channels: int, shard_slices: int,
+               storage_options: dict | None = None) -> "FeatureStore":
         """The group with its three axis arrays, created where absent; existing shards are kept."""
-        store = fsspec.get_mapper(group_url) if is_remote(group_url) else group_url
-        group = zarr.open_group(store=store, mode="a")
+        group = open_group(group_url, "a", storage_options)
         group.attrs.update({"tomogram": tomogram_url, "shape": list(shape), "encoder": encoder_signature})
         self = cls(group, group_url)
         for axis in range(3):
@@ -60,8 +57,7 @@ class FeatureStore:
             if tuple(array.shape) == (n, *grid, channels) and array.chunks[0] == shard_slices:
                 return array
             log.warning("%s/%s has shape %s, expected %s: recomputing", self.url, name, array.shape, (n, *grid, channels))
-        n_shards = -(-n // shard_slices)
-        self.group.create_array(done, shape=(n_shards,), dtype=bool, chunks=(1,), fill_value=False, overwrite=True)
+        DoneFlags.create(self.group, done, -(-n // shard_slices), reset=True)
         return self.group.create_array(name, shape=(n, *grid, channels), dtype="float16",
                                        chunks=(shard_slices, *grid, channels), fill_value=0, overwrite=True)
 
@@ -71,24 +67,27 @@ class FeatureStore:
     def shard_slices(self, axis: int) -> int:
         return int(self.group[f"axis{axis}"].chunks[0])
 
+    def _done(self, axis: int) -> DoneFlags:
+        return DoneFlags(self.group[f"done{axis}"])
+
     def shard_done(self, axis: int, start: int) -> bool:
-        return bool(self.group[f"done{axis}"][start // self.shard_slices(axis)])
+        return bool(self._done(axis).get([start // self.shard_slices(axis)])[0])
 
     def missing_shards(self, axis: int) -> list[tuple[int, int]]:
         """(start, stop) slice ranges of the shards not yet committed along ``axis``."""
         n, step = self.group[f"axis{axis}"].shape[0], self.shard_slices(axis)
-        done = self.group[f"done{axis}"][:]
+        done = self._done(axis).all()
         return [(i * step, min(n, (i + 1) * step)) for i in range(len(done)) if not done[i]]
 
-    def write_shard(self, axis: int, start: int, feats: np.ndarray) -> dict:
-        """Write one shard's maps, then mark it done. Returns a small receipt."""
+    def write_shard(self, axis: int, start: int, feats: np.ndarray) -> int:
+        """Write one shard's maps, then mark it done. Returns the number of slices written."""
         array = self.group[f"axis{axis}"]
         array[start:start + feats.shape[0]] = feats.astype(np.float16)
-        self.group[f"done{axis}"][start // array.chunks[0]] = True
-        return {"url": self.url, "axis": axis, "start": start, "slices": int(feats.shape[0])}
+        self._done(axis).set([start // array.chunks[0]])
+        return int(feats.shape[0])
 
     def complete(self) -> bool:
-        return all(f"done{a}" in self.group and bool(np.all(self.group[f"done{a}"][:])) for a in range(3))
+        return all(f"done{a}" in self.group and bool(self._done(a).all().all()) for a in range(3))
 
     def volume(self):
         """The stored maps as a :class:`~cryosam_ray.features.FeatureVolume` (read lazily)."""

@@ -27,16 +27,11 @@ def slice_shape(shape: tuple[int, int, int], axis: int) -> tuple[int, int]:
     return tuple(s for a, s in enumerate(shape) if a != axis)
 
 
-def tomogram_signature(tomogram) -> dict:
-    """What identifies a tomogram's data for cache keys (location, geometry, intensity statistics)."""
-    stats = tomogram.stats
-    return {"url": tomogram.url, "shape": list(tomogram.shape), "dtype": str(tomogram.dtype),
-            "voxel_size_a": tomogram.voxel_size_a, "mean": round(stats.mean, 6), "std": round(stats.std, 6)}
-
-
 def feature_key(tomogram, encoder_signature: dict) -> str:
     """Deterministic store key: ``<tomogram name>-<16 hex digits of data + encoder signature>``."""
-    payload = json.dumps({"data": tomogram_signature(tomogram), "encoder": encoder_signature}, sort_keys=True)
+    from cryosam_ray.tomo_io import data_fingerprint
+
+    payload = json.dumps({"data": data_fingerprint(tomogram), "encoder": encoder_signature}, sort_keys=True)
     return f"{tomogram.name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 

@@ -16,15 +16,11 @@ import io
 import logging
 import math
 import os
-import tempfile
-from pathlib import Path
-
-import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cryosam_ray.errors import TableError
-from cryosam_ray.tomo_io import is_remote
+from cryosam_ray.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +122,9 @@ def render_preview(tomogram, picks: list[dict], labels: np.ndarray | None = None
 def write_preview(url: str | os.PathLike, image: Image.Image, *, storage_options: dict | None = None) -> str:
     """Save ``image`` as PNG to a local path (parents created; temporary file then rename) or to
     an fsspec URL (one upload). Returns ``url``."""
-    url = str(url)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if is_remote(url):
-        fs.pipe_file(path, buffer.getvalue())
-        return url
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return url
+    return write_bytes_atomic(str(url), buffer.getvalue(), storage_options=storage_options)
 
 
 def _pick_rows(picks, name: str, default_radius: float) -> list[dict]:

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import fsspec
@@ -34,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cryosam_ray.errors import TableError
+from cryosam_ray.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -422,27 +422,6 @@ def _read_bytes(path: str) -> bytes:
         raise TableError(path, "file not found") from err
     except OSError as err:
         raise TableError(path, f"cannot read the file: {err}") from err
-
-
-def write_bytes_atomic(path: str, data: bytes) -> str:
-    """Write ``data`` to ``path``: atomically (temp file + os.replace) locally, plainly over fsspec."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        folder = os.path.dirname(os.path.abspath(fs_path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(fs_path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, fs_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    else:
-        with fs.open(fs_path, "wb") as f:
-            f.write(data)
-    return path
 
 
 def _parse_csv(path: str, data: bytes) -> pa.Table:

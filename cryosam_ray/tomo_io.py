@@ -14,10 +14,8 @@ import io
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import fsspec
 import mrcfile
@@ -32,6 +30,7 @@ from cryosam_ray.errors import (
     NotAVolumeError,
     TomogramNotFoundError,
 )
+from cryosam_ray.storage import fingerprint, is_remote, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,6 @@ class VolumeStats:
     std: float
     low: float  # 0.1 percentile
     high: float  # 99.9 percentile
-
-
-def is_remote(url: str) -> bool:
-    """True for URLs with a non-file protocol (``s3://``, ``gs://``, ``http://`` ...)."""
-    protocol = fsspec.utils.get_protocol(str(url))
-    return protocol not in ("file", "local")
 
 
 def tomogram_name(url: str) -> str:
@@ -118,8 +111,9 @@ class Tomogram:
         voxel_size_a: isotropic voxel size in Angstrom (the x spacing when anisotropic).
     """
 
-    def __init__(self, url: str, array, voxel_size_a: float):
+    def __init__(self, url: str, array, voxel_size_a: float, storage_options: dict | None = None):
         self.url = str(url)
+        self.storage_options = dict(storage_options or {})
         self.name = tomogram_name(url)
         self._array = array
         self.shape: tuple[int, int, int] = tuple(int(s) for s in array.shape)
@@ -196,6 +190,19 @@ class Tomogram:
         return np.clip(out, -clip_sigma, clip_sigma, out=out)
 
 
+def data_fingerprint(tomogram: "Tomogram") -> dict:
+    """What identifies a tomogram's data for cache keys: its file (URL, size, stamp), geometry and
+    intensity statistics (computed if needed: one full read)."""
+    try:
+        stored = fingerprint(tomogram.url, tomogram.storage_options)
+    except (OSError, ValueError, TypeError):  # a zarr folder has no single size or stamp
+        stored = {"url": tomogram.url, "size": None, "stamp": None}
+    stats = tomogram.stats
+    return {**stored, "shape": list(tomogram.shape), "dtype": str(tomogram.dtype),
+            "voxel_size_a": round(float(tomogram.voxel_size_a), 6), "mean": round(float(stats.mean), 6),
+            "std": round(float(stats.std), 6)}
+
+
 def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
                   storage_options: dict | None = None) -> Tomogram:
     """Open an MRC file or a zarr / OME-Zarr array as a lazy ZYX :class:`Tomogram`.
@@ -226,7 +233,7 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
     if voxel is None or not math.isfinite(voxel) or voxel <= 0:
         raise BadVoxelSizeError(url, f"voxel size is {voxel!r} Angstrom; expected a positive number. "
                                 "Fix the header or pass voxel_size_a (--voxel-size)")
-    return Tomogram(url, array, voxel)
+    return Tomogram(url, array, voxel, storage_options)
 
 
 def _looks_like_zarr(fs, path: str) -> bool:
@@ -311,7 +318,8 @@ def _zarr_voxel_size(attrs: dict) -> float | None:
     return None
 
 
-def write_mrc(url: str | os.PathLike, volume: np.ndarray, voxel_size_a: float) -> str:
+def write_mrc(url: str | os.PathLike, volume: np.ndarray, voxel_size_a: float, *,
+              storage_options: dict | None = None) -> str:
     """Write a ZYX volume as MRC, atomically (temporary file then rename / single upload).
 
     Integer labels are stored as uint16 when they fit (MRC mode 6) and as float32 otherwise
@@ -322,23 +330,8 @@ def write_mrc(url: str | os.PathLike, volume: np.ndarray, voxel_size_a: float) -
     if volume.ndim != 3:
         raise ValueError(f"write_mrc({url}): expected a 3D ZYX array, got shape {volume.shape}")
     volume = _mrc_compatible(volume)
-    fs, path = fsspec.core.url_to_fs(url)
-    if is_remote(url):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "volume.mrc")
-            _write_local_mrc(local, volume, voxel_size_a)
-            fs.put_file(local, path)
-        return url
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".", suffix=".mrc.tmp")
-    os.close(fd)
-    try:
-        _write_local_mrc(tmp, volume, voxel_size_a)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return url
+    return write_file_atomic(url, lambda local: _write_local_mrc(local, volume, voxel_size_a),
+                             storage_options=storage_options)
 
 
 def _mrc_compatible(volume: np.ndarray) -> np.ndarray:

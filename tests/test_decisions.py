@@ -10,7 +10,8 @@ from cryosam_ray.config import load_config
 from cryosam_ray.encoders.rings import RingEncoder
 from cryosam_ray.features import compute_features
 from cryosam_ray.matching import SimilarityField, auto_ratios, naive_match
-from cryosam_ray.pipeline import ClassQuery, Particle, find_particles, score_cut
+from cryosam_ray.particle import ClassQuery, Particle
+from cryosam_ray.stages.particles import find_particles, score_cut
 from cryosam_ray.propagation import Instance
 from cryosam_ray.segmenters.base import SlicePrediction
 from cryosam_ray.synth import SynthSettings, synthesize

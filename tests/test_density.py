@@ -11,7 +11,7 @@ from scipy import ndimage
 from cryosam_ray.config import load_config
 from cryosam_ray.density import DensityMap, bin_factor, density_scores, robust_z
 from cryosam_ray.evaluate import evaluate_picks
-from cryosam_ray.runner import run_in_process
+from cryosam_ray.executors.in_process import run_in_process
 from cryosam_ray.synth import SynthSettings, write_dataset
 from cryosam_ray.tables import read_picks, read_truth
 

@@ -316,7 +316,7 @@ def test_launcher_config_follows_rays_schema(path):
 
 
 def _gpu_demands() -> dict[Path, float]:
-    from cryosam_ray.workers import precomputes_embeddings
+    from cryosam_ray.job import precomputes_embeddings
 
     demands = {}
     for file in CONFIG_FILES:

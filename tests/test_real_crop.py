@@ -15,7 +15,7 @@ import pytest
 
 from cryosam_ray.config import load_config
 from cryosam_ray.evaluate import evaluate_picks
-from cryosam_ray.runner import run_in_process
+from cryosam_ray.executors.in_process import run_in_process
 from cryosam_ray.tables import read_picks, read_truth
 from cryosam_ray.tomo_io import read_mrc, write_mrc
 

@@ -10,7 +10,8 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
 
-from cryosam_ray.embedding_store import EmbeddingStore, tomogram_fingerprint
+from cryosam_ray.embedding_store import EmbeddingStore
+from cryosam_ray.tomo_io import data_fingerprint
 from cryosam_ray.errors import ConfigError, PromptError, WeightsError
 from cryosam_ray.segmenters.base import PromptableSegmenter, SliceRequest
 from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, decode_masks
@@ -370,7 +371,7 @@ def test_embedding_store_put_get_done(tmp_path, tomogram):
     assert EmbeddingStore(url, "sig2", volume_shape=(3, 4, 5), embedding_shape=(2, 3, 3)).get(1, 0) is None
     with pytest.raises(ValueError, match="shape"):
         store.put(1, [3], emb)
-    assert tomogram_fingerprint(open_tomogram(tomogram.url)) == tomogram_fingerprint(tomogram)
+    assert data_fingerprint(open_tomogram(tomogram.url)) == data_fingerprint(tomogram)
 
 
 # ---- batched decoder ---------------------------------------------------------------------------

@@ -44,10 +44,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from cryosam_ray.embedding_store import EmbeddingStore, signature, tomogram_fingerprint
+from cryosam_ray.embedding_store import EmbeddingStore, signature
 from cryosam_ray.errors import PromptError, WeightsError
 from cryosam_ray.segmenters.base import SegmenterInfo, SlicePrediction, SliceRequest, area_cap
 from cryosam_ray.segmenters.sam_kernels import patch_image_encoder
+from cryosam_ray.tomo_io import data_fingerprint
 from cryosam_ray.weights import batch_memory_guard, file_fingerprint, resolve_precision, resolve_weights, to_device
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ class SamSegmenter:
         Raises:
             BadVoxelDataError: the tomogram's statistics cannot be computed (NaN, constant).
         """
-        data_id = tomogram_fingerprint(tomogram)
+        data_id = data_fingerprint(tomogram)
         if data_id != self._data_id:
             self._lru.clear()
             self.store = None

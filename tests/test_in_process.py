@@ -1,4 +1,4 @@
-"""`cryosam segment` and `cryosam run --address none` (in process, no Ray) end to end on synthetic data."""
+"""`cryosam segment` and `cryosam run --address none` (executors/in_process.py, no Ray) end to end on synthetic data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cryosam_ray.cli import main
-from cryosam_ray.runner import expand_tomograms
+from cryosam_ray.plan import expand_tomograms
 from cryosam_ray.tables import read_picks, read_prompts, read_truth
 from cryosam_ray.tomo_io import read_mrc
 

@@ -88,6 +88,40 @@ def test_end_to_end_on_ray(dataset, first_run, tmp_path):
     assert (first_run / "picks.star").exists() and (first_run / "picks.csv").exists()
 
 
+def test_both_executors_give_identical_picks_masks_and_records(dataset, first_run, tmp_path):
+    """Parity: the in-process loop and the Ray schedule run the same job functions."""
+    from cryosam_ray.tomo_io import read_mrc
+
+    root, data = dataset
+    out = tmp_path / "in_process"
+    assert main(["run", "--tomograms", str(data), "--prompts", str(root / "prompts.csv"), "--out", str(out),
+                 "--address", "none"]) == 1  # broken.mrc fails in both
+    on_ray, in_process = read_picks(str(first_run / "picks.parquet")), read_picks(str(out / "picks.parquet"))
+    assert on_ray.num_rows > 0 and on_ray.column_names == in_process.column_names
+    for name in on_ray.column_names:  # NaN (prompts' match similarity) compares equal by position
+        a, b = (t.column(name).to_numpy(zero_copy_only=False) for t in (on_ray, in_process))
+        if name in ("score", "similarity"):  # Ray workers run 1 BLAS thread, the driver 2: sums in another order
+            np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    masks = sorted(p.name for p in (first_run / "masks").iterdir())
+    assert masks == sorted(p.name for p in (out / "masks").iterdir()) and len(masks) == 4
+    for name in masks:
+        np.testing.assert_array_equal(read_mrc(first_run / "masks" / name)[0], read_mrc(out / "masks" / name)[0])
+    records = sorted(p.name for p in (first_run / "tomograms").iterdir())
+    assert records == sorted(p.name for p in (out / "tomograms").iterdir()) == \
+        ["broken.json", "synth_000.json", "synth_001.json"]
+    for name in records:
+        a = json.loads((first_run / "tomograms" / name).read_text().replace(str(first_run), "OUT"))
+        b = json.loads((out / "tomograms" / name).read_text().replace(str(out), "OUT"))
+        rows_a, rows_b = a.pop("rows"), b.pop("rows")
+        assert a == b, name
+        assert len(rows_a) == len(rows_b) and all(ra == pytest.approx(rb, rel=1e-5, nan_ok=True)
+                                                  for ra, rb in zip(rows_a, rows_b)), name
+    ray_sets, local_sets = _manifest(first_run)["tomogram_sets"], _manifest(out)["tomogram_sets"]
+    assert ray_sets == local_sets
+
+
 def test_rerun_skips_everything_and_gives_the_same_outputs(dataset, first_run):
     root, data = dataset
     before = read_picks(str(first_run / "picks.parquet"))
@@ -184,7 +218,7 @@ def test_tiny_dinov2_and_sam_on_ray(cluster, tmp_path):
 
 def test_local_resources_are_scaled_to_fit_and_clusters_left_alone():
     from cryosam_ray.config import load_config
-    from cryosam_ray.ray_runner import fit_to_local_cpus
+    from cryosam_ray.executors.on_ray import fit_to_local_cpus
 
     cfg = load_config()  # whole-CPU actors and tasks: 1 + 1 + 2 > 2 CPUs would deadlock
     fitted = fit_to_local_cpus(cfg, 2)

@@ -1,7 +1,7 @@
-"""Prompt-based 3D segmentation of one tomogram: prompts in, instances, picks table and masks out.
+"""``cryosam segment``: the 3D instance of each point prompt on one tomogram, without matching.
 
-This is the stage behind ``cryosam segment``; the full pipeline reuses its pieces
-(:func:`prompts_for`, :func:`instance_rows`, :func:`label_volume`).
+Prompts in; a picks table (one row per prompt) and an instance mask out. The segmentation
+itself is :func:`cryosam_ray.propagation.propagate` (Cross-Plane Self-Prompting).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cryosam_ray.errors import PromptError
 from cryosam_ray.propagation import Instance, propagate
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks
+from cryosam_ray.stages.outputs import label_volume
 from cryosam_ray.tomo_io import Tomogram, open_tomogram, write_mrc
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ def instance_rows(tomogram: Tomogram, points: list[Point], instances: list[Insta
                      "voxel_count": inst.voxel_count, "score": 0.0 if inst.empty else inst.pred_iou,
                      "similarity": math.nan, "pred_iou": inst.pred_iou})
     return rows
-
-
-def label_volume(shape: tuple[int, int, int], instances: list[Instance], ids: list[int]) -> np.ndarray:
-    """(D, H, W) int32 instance labels, 0 = background; where masks overlap the first one keeps the voxel."""
-    labels = np.zeros(shape, dtype=np.int32)
-    for inst, label in zip(instances, ids):
-        if inst.empty:
-            continue
-        z0, y0, x0, z1, y1, x1 = inst.bbox
-        view = labels[z0:z1, y0:y1, x0:x1]
-        view[inst.mask & (view == 0)] = label
-    return labels
 
 
 def segment_tomogram(tomogram: Tomogram, points: list[Point], cfg: CryoSamConfig, segmenter=None) -> list[Instance]:

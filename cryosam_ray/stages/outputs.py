@@ -1,0 +1,59 @@
+"""Stage: write one tomogram's outputs. Its picks (rows of the picks table), its instance and
+semantic masks, and its preview picture."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cryosam_ray.particle import Particle, Pick
+from cryosam_ray.propagation import Instance
+from cryosam_ray.storage import join
+from cryosam_ray.tomo_io import Tomogram, write_mrc
+
+
+def picks_of(tomogram: Tomogram, particles: list[Particle]) -> list[Pick]:
+    """One pick per particle, instance ids 1..N in the given order (as in the masks)."""
+    picks = []
+    for number, particle in enumerate(particles, start=1):
+        z, y, x = (float(v) for v in (particle.centre or particle.instance.centroid))
+        picks.append(Pick(tomogram.name, particle.cls, number, z, y, x, tomogram.voxel_size_a,
+                          int(particle.instance.voxel_count), float(particle.score), float(particle.similarity),
+                          float(particle.instance.pred_iou)))
+    return picks
+
+
+def label_volume(shape: tuple[int, int, int], instances: list[Instance], ids: list[int]) -> np.ndarray:
+    """(D, H, W) int32 instance labels, 0 = background; where masks overlap the first one keeps the voxel."""
+    labels = np.zeros(shape, dtype=np.int32)
+    for inst, label in zip(instances, ids):
+        if inst.empty:
+            continue
+        z0, y0, x0, z1, y1, x1 = inst.bbox
+        view = labels[z0:z1, y0:y1, x0:x1]
+        view[inst.mask & (view == 0)] = label
+    return labels
+
+
+def write_masks(out_dir: str, tomogram: Tomogram, particles: list[Particle], classes: list[str], *,
+                storage_options: dict | None = None) -> list[str]:
+    """``masks/<name>_instances.mrc`` (ids as in the picks table) and ``masks/<name>_semantic.mrc``
+    (1 + the class's index in ``classes``, 0 = background). Returns the URLs written."""
+    base = join(out_dir, "masks", tomogram.name)
+    instances = [p.instance for p in particles]
+    labels = label_volume(tomogram.shape, instances, list(range(1, len(particles) + 1)))
+    semantic = label_volume(tomogram.shape, instances, [1 + classes.index(p.cls) for p in particles])
+    return [write_mrc(f"{base}_instances.mrc", labels, tomogram.voxel_size_a, storage_options=storage_options),
+            write_mrc(f"{base}_semantic.mrc", semantic.astype(np.int16), tomogram.voxel_size_a,
+                      storage_options=storage_options)]
+
+
+def write_preview(out_dir: str, tomogram: Tomogram, particles: list[Particle], picks: list[Pick], *,
+                  storage_options: dict | None = None) -> str:
+    """``previews/<name>.png``: the tomogram with its picks and mask outlines. Returns its URL."""
+    from cryosam_ray import previews
+
+    rows = [pick.row() for pick in picks]
+    labels = label_volume(tomogram.shape, [p.instance for p in particles], [p.instance_id for p in picks])
+    image = previews.render_preview(tomogram, rows, labels, label_classes={p.instance_id: p.cls for p in picks})
+    return previews.write_preview(join(out_dir, "previews", f"{tomogram.name}.png"), image,
+                                  storage_options=storage_options)

@@ -1,0 +1,152 @@
+"""Stage: find particles. Per class, proposals (with the density stage: joined by blobs at the
+prompts' scale, ranked by their density score, :mod:`cryosam_ray.density`) are propagated in
+batches, best first; a proposal inside a particle already found is skipped, overlapping masks
+are one particle, masks far from the prompts' size are rejected (and claim no voxels), and each
+particle gets a ``score``. Particles under a cut calibrated from the run's score distribution
+are dropped (:func:`score_cut`), then one class keeps each physical particle
+(:func:`cryosam_ray.stages.classes.resolve_classes`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from cryosam_ray.config import CryoSamConfig
+from cryosam_ray.density import density_proposals
+from cryosam_ray.features import FeatureVolume
+from cryosam_ray.matching import Proposals, query_feature
+from cryosam_ray.particle import ClassQuery, Particle
+from cryosam_ray.propagation import propagate
+from cryosam_ray.stages.classes import resolve_classes
+from cryosam_ray.stages.prompts import uses_density
+from cryosam_ray.tomo_io import Tomogram
+
+log = logging.getLogger(__name__)
+
+
+def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: dict[str, ClassQuery],
+                          proposals: dict[str, Proposals], prompts: list[Particle], segmenter,
+                          cfg: CryoSamConfig) -> list[Particle]:
+    """Every particle of one tomogram: its prompt particles (scored) and each class's matches
+    above the run's cut, one class per physical particle. Both executors call this."""
+    prompts = [p for p in prompts if p.cls in queries]
+    score_particles(volume, prompts, queries, cfg.matching.similarity)
+    scorers = {}
+    if uses_density(cfg):
+        proposals, scorers = density_proposals(tomogram, queries, proposals, prompts, cfg)
+    particles = list(prompts)
+    for cls in sorted(queries):
+        known = [p for p in prompts if p.cls == cls]
+        found = find_particles(tomogram, volume, queries[cls], proposals[cls], segmenter, cfg, known)
+        if cls in scorers:
+            place_by_density(found, scorers[cls])
+        particles += found
+    return resolve_classes(keep_scored(particles, cfg), tomogram.shape, overlap=cfg.instances.overlap)
+
+
+def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery, proposals: Proposals,
+                   segmenter, cfg: CryoSamConfig, known: list[Particle]) -> list[Particle]:
+    """Propagate proposals (best first, in batches) into new particles of ``query.cls``.
+
+    ``known`` particles (this class's prompt instances on this tomogram) are never found twice.
+    """
+    inst_cfg, prop = cfg.instances, cfg.propagation
+    claimed = np.zeros(tomogram.shape, bool)  # voxels of accepted particles (rejected masks claim nothing)
+    for particle in known:
+        particle.instance.paste(claimed, True)
+    found: list[Particle] = []
+    lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels
+    hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels
+    radius = query.radius if prop.size_prior else None
+    order = list(range(len(proposals)))
+    while order:
+        batch = [i for i in order[:inst_cfg.batch] if not claimed[tuple(np.rint(proposals.zyx[i]).astype(int))]]
+        order = order[inst_cfg.batch:]
+        if not batch:
+            continue
+        instances = propagate(segmenter, tomogram, proposals.zyx[batch], directions=prop.directions,
+                              iou_threshold=prop.iou_threshold, max_steps=prop.max_steps, radius=radius)
+        for i, inst in zip(batch, instances):
+            if inst.empty or not lo <= inst.voxel_count <= hi:
+                continue  # a leaked or empty mask: it claims nothing, so it hides no true neighbour
+            z0, y0, x0, z1, y1, x1 = inst.bbox
+            if claimed[z0:z1, y0:y1, x0:x1][inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
+                continue  # the same particle as one found before
+            inst.paste(claimed, True)
+            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i])))
+    score_particles(volume, found, {query.cls: query}, cfg.matching.similarity)
+    log.info("%s: %d %s candidates from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
+    return found
+
+
+def score_particles(volume: FeatureVolume, particles: list[Particle], queries: dict[str, ClassQuery],
+                    similarity: str = "projection") -> None:
+    """Set each particle's ``instance_similarity`` and ``score`` (see :class:`Particle`)."""
+    mean = volume.mean_feature() if similarity == "projection" and particles else None
+    for particle in particles:
+        query = queries[particle.cls]
+        feature = query_feature(volume, [particle.voxels()]).astype(np.float64)
+        if similarity == "cosine":
+            particle.instance_similarity = particle.score = _cosine(feature, query.vector)
+            continue
+        direction = query.vector - query.background
+        offset = feature - mean
+        particle.instance_similarity = float(offset @ direction / max(float(direction @ direction), 1e-12))
+        particle.score = max(particle.instance_similarity, 0.0) * max(_cosine(offset, direction), 0.0)
+
+
+def place_by_density(found: list[Particle], scorer) -> None:
+    """Each particle's ``score`` and reported ``centre``: its mask's centroid or the proposal that
+    found it, whichever matches the class's prompts better (a mask merged with a touching
+    neighbour puts its centroid between the two; an elongated particle's proposal may sit off
+    its middle, where its centroid is)."""
+    if not found:
+        return
+    proposals = np.array([p.instance.prompt for p in found], np.float64)
+    centroids = np.array([p.instance.centroid for p in found], np.float64)
+    at_proposal, shape_at_proposal = scorer.score(proposals)
+    at_centroid, shape_at_centroid = scorer.score(centroids)
+    for i, particle in enumerate(found):
+        use_centroid = at_centroid[i] >= at_proposal[i]
+        particle.centre = tuple(float(v) for v in (centroids[i] if use_centroid else proposals[i]))
+        particle.score = float(max(at_centroid[i], at_proposal[i]))
+        particle.class_score = float(shape_at_centroid[i] if use_centroid else shape_at_proposal[i])
+
+
+def score_cut(scores: np.ndarray, min_score: float | str | None, similarity: str = "projection") -> float:
+    """The smallest score kept. ``"auto"``: the split of the scores into two groups (Otsu's
+    threshold: the cut maximising the between-group variance); for projection scores kept
+    within [0.25, 0.6] of the prompt's own score, since a run's candidates may be nearly all
+    particles or nearly all background; a number: that; None: keep all (-inf)."""
+    if min_score is None:
+        return -math.inf
+    if min_score != "auto":
+        return float(min_score)
+    scores = np.sort(np.asarray(scores, np.float64)[np.isfinite(scores)])
+    if len(scores) < 4:
+        return 0.25 if similarity == "projection" else -math.inf
+    n = np.arange(1, len(scores))
+    left = np.cumsum(scores)[:-1] / n
+    right = (scores.sum() - np.cumsum(scores)[:-1]) / (len(scores) - n)
+    between = n * (len(scores) - n) * (left - right) ** 2
+    best = int(np.argmax(between))
+    split = 0.5 * (scores[best] + scores[best + 1])
+    return float(np.clip(split, 0.25, 0.6)) if similarity == "projection" else float(split)
+
+
+def keep_scored(particles: list[Particle], cfg: CryoSamConfig) -> list[Particle]:
+    """Prompts, and matches scoring at least the run's cut (per class, see :func:`score_cut`)."""
+    kept = [p for p in particles if p.source == "prompt"]
+    for cls in sorted({p.cls for p in particles}):
+        matches = [p for p in particles if p.cls == cls and p.source != "prompt"]
+        kind = "density" if cfg.density.score == "density" else cfg.matching.similarity
+        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, kind)
+        kept += [p for p in matches if p.score >= cut]
+        log.info("%s: %d of %d candidates score >= %.3f", cls, sum(p.score >= cut for p in matches), len(matches), cut)
+    return kept
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))

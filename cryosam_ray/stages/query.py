@@ -1,0 +1,63 @@
+"""Stage: query parts and class queries. Each tomogram's share of a class query (feature sums
+over its prompt voxels), and the queries from the parts of every tomogram (the paper's masked
+average over all prompt voxels of a class, wherever they lie in the dataset)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cryosam_ray.features import FeatureVolume
+from cryosam_ray.matching import query_feature
+from cryosam_ray.particle import ClassQuery, Particle, QueryPart, equivalent_radius
+
+
+def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryPart]:
+    """Per class, the sum of voxel features over this tomogram's prompt particles."""
+    parts: dict[str, QueryPart] = {}
+    background = volume.mean_feature() if particles else None
+    for particle in particles:
+        vox = particle.voxels()
+        total = query_feature(volume, [vox]).astype(np.float64) * len(vox)
+        part = parts.setdefault(particle.cls, QueryPart(particle.cls, np.zeros_like(total), np.zeros_like(total),
+                                                        0, []))
+        part.feature_sum += total
+        part.background_sum += background * len(vox)
+        part.voxels += len(vox)
+        part.sizes.append(particle.instance.voxel_count)
+        if particle.density is not None:
+            part.profiles.append(particle.density)
+    return list(parts.values())
+
+
+def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
+    """The paper's query: sum over all prompt voxels of a class, wherever they lie, over their count."""
+    merged: dict[str, QueryPart] = {}
+    for part in parts:
+        acc = merged.setdefault(part.cls, QueryPart(part.cls, np.zeros_like(part.feature_sum),
+                                                    np.zeros_like(part.feature_sum), 0, []))
+        acc.feature_sum += part.feature_sum
+        acc.background_sum += part.background_sum
+        acc.voxels += part.voxels
+        acc.sizes += part.sizes
+        acc.profiles += part.profiles
+    queries = {}
+    for cls, part in sorted(merged.items()):
+        median = float(np.median(part.sizes))
+        profiles = part.profiles
+        queries[cls] = ClassQuery(
+            cls, (part.feature_sum / part.voxels).astype(np.float32), part.background_sum / part.voxels, median,
+            equivalent_radius(median), shells=np.mean([p.shells for p in profiles], axis=0) if profiles else None,
+            polarity=1.0 if sum(p.polarity for p in profiles) > 0 else -1.0)
+    return queries
+
+
+def build_queries(prompt_particles: dict[str, list[Particle]], volumes: dict[str, FeatureVolume]) -> dict[str, ClassQuery]:
+    """One :class:`ClassQuery` per class from the prompt particles of every tomogram (in process).
+
+    Args:
+        prompt_particles: tomogram name -> its prompt particles (scored in place).
+        volumes: tomogram name -> its features (for every tomogram holding prompts).
+    """
+    queries = combine_queries([part for name, particles in prompt_particles.items()
+                               for part in query_parts(volumes[name], particles)])
+    return queries

@@ -1,0 +1,168 @@
+"""Where the package's bytes live: fsspec URLs (a plain path, ``file://`` or ``s3://``).
+
+One place for what every stage needs from storage, so that each does it the same way:
+
+* :func:`join`: URLs built from a base and parts (never by hand in the stages);
+* :func:`write_bytes_atomic` / :func:`write_file_atomic`: a reader never sees half a file
+  (local: temporary file then ``os.replace``; object stores: one upload, atomic by nature);
+* :func:`fingerprint`: what identifies an input without reading it (resume);
+* :func:`open_group` and :class:`DoneFlags`: zarr groups on any fsspec storage, and the
+  per-unit "done" flags that the feature and embedding stores set after their data, so a
+  worker killed mid-write leaves work that is simply done again.
+
+Every function takes the run's ``io.storage_options`` (credentials, endpoint, ``anon``),
+passed to fsspec for remote URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+import fsspec
+import numpy as np
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a non-file protocol (``s3://``, ``gs://``, ``http://`` ...)."""
+    return fsspec.utils.get_protocol(str(url)) not in ("file", "local")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/part``: one slash between parts, whatever the base ends with."""
+    out = str(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path inside it) for ``url``."""
+    return fsspec.core.url_to_fs(str(url), **(storage_options or {}) if is_remote(url) else {})
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The whole file at ``url`` (raises FileNotFoundError / OSError as fsspec does)."""
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def write_bytes_atomic(url: str, data: bytes, *, storage_options: dict | None = None) -> str:
+    """Write ``data`` to ``url`` so that no reader sees a partial file. Returns ``url``."""
+    return write_file_atomic(url, lambda local: _write_local(local, data), storage_options=storage_options)
+
+
+def write_file_atomic(url: str, write: Callable[[str], None], *, storage_options: dict | None = None) -> str:
+    """Let ``write(local_path)`` make the file, then put it at ``url`` atomically. Returns ``url``.
+
+    Local: in a hidden temporary file beside the target, renamed over it (parents created).
+    Remote: in a temporary folder, then one upload.
+    """
+    url = str(url)
+    fs, path = filesystem(url, storage_options)
+    if is_remote(url):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            write(local)
+            fs.put_file(local, path)
+        return url
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return url
+
+
+def _write_local(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def fingerprint(url: str, storage_options: dict | None = None) -> dict:
+    """What identifies an input file without reading it: its URL, size and modification stamp."""
+    fs, path = filesystem(url, storage_options)
+    info = fs.info(path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
+    return {"url": str(url), "size": info.get("size"), "stamp": str(stamp)}
+
+
+def zarr_store(url: str, storage_options: dict | None = None):
+    """What ``zarr.open_group`` takes for ``url``: a local path, or an fsspec store for remote URLs."""
+    if not is_remote(url):
+        return filesystem(url)[1]
+    import zarr
+
+    return zarr.storage.FsspecStore.from_url(str(url), storage_options=storage_options or {})
+
+
+def open_group(url: str, mode: str = "a", storage_options: dict | None = None):
+    """The zarr group at ``url`` (``mode``: "r", "r+" or "a"); a concurrent creator is tolerated."""
+    import zarr
+
+    return retry_on_race(lambda: zarr.open_group(store=zarr_store(url, storage_options), mode=mode))
+
+
+def retry_on_race(create):
+    """Run ``create`` (an open-or-create of a zarr node); once more if another worker created it meanwhile."""
+    import zarr.errors
+
+    try:
+        return create()
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+        return create()
+
+
+class DoneFlags:
+    """One bool per unit of work (a shard, a slice) in a zarr group, one chunk per flag.
+
+    A unit counts as done only once its flag is set, and its writer sets the flag after the
+    data, so a worker killed mid-write leaves the unit to be done again. One chunk per flag lets
+    several workers set flags of one array at once.
+    """
+
+    def __init__(self, array):
+        self.array = array
+
+    @classmethod
+    def create(cls, group, name: str, count: int, *, reset: bool) -> "DoneFlags":
+        """The flags ``name`` in ``group`` (``count`` of them); ``reset`` clears existing ones."""
+        if reset:
+            array = group.create_array(name, shape=(count,), dtype=bool, chunks=(1,), fill_value=False,
+                                       overwrite=True)
+        else:
+            array = retry_on_race(lambda: group.require_array(name, shape=(count,), dtype=bool, chunks=(1,),
+                                                              fill_value=False))
+        return cls(array)
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def all(self) -> np.ndarray:
+        """(count,) bool."""
+        return np.asarray(self.array[:], dtype=bool)
+
+    def get(self, indices) -> np.ndarray:
+        """Flags of ``indices`` (any int sequence), as bool."""
+        idx = np.asarray(list(indices), dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros(0, dtype=bool)
+        return np.asarray(self.array.get_orthogonal_selection((idx,)), dtype=bool)
+
+    def set(self, indices) -> None:
+        """Mark ``indices`` done (call after their data is written)."""
+        idx = np.asarray(sorted({int(i) for i in indices}), dtype=np.int64)
+        if idx.size:
+            self.array.set_orthogonal_selection((idx,), np.ones(idx.size, dtype=bool))
