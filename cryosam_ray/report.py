@@ -310,6 +310,8 @@ def _tomogram(entry: TomogramEntry, run: RunData, classes: list[str], colours: d
                                                         f"{escape(entry.error)}</span>")
     parts = [f"<h2 id=\"t-{escape(entry.name)}\">{escape(entry.name)}</h2>",
              f"<p>{status}" + (f" <span class=\"muted\">{escape(entry.url)}</span>" if entry.url else "") + "</p>"]
+    if entry.status == "failed":
+        return "\n".join(parts)
     mask = np.asarray(run.picks.column("tomogram").to_pylist(), dtype=object) == entry.name
     mine = run.picks.filter(pa.array(mask, pa.bool_())) if len(mask) else run.picks
     pick_classes = mine.column("class").to_pylist()
@@ -343,8 +345,7 @@ def _tomogram(entry: TomogramEntry, run: RunData, classes: list[str], colours: d
                      f"alt=\"preview of {escape(entry.name)}\">")
         break
     else:
-        if entry.status != "failed":
-            parts.append("<p class=\"muted\">No preview image.</p>")
+        parts.append("<p class=\"muted\">No preview image.</p>")
     return "\n".join(parts)
 
 
