@@ -192,7 +192,7 @@ def _truth_previews(run: RunData, truth: pa.Table, storage_options: dict | None)
             fs, mask_path = fsspec.core.url_to_fs(mask_url, **(storage_options or {}))
             labels = open_tomogram(mask_url, storage_options=storage_options) if fs.exists(mask_path) else None
             mine = [r for r in pick_rows if r["tomogram"] == entry.name]
-            image = render_preview(tomo, mine, labels, classes=run.classes, truth=truth_rows,
+            image = render_preview(tomo, mine, labels, classes=_classes(run, truth), truth=truth_rows,
                                    label_classes={int(r["instance_id"]): r["class"] for r in mine})
         except (CryoSamError, OSError) as exc:
             log.warning("%s: no preview with truth: %s", entry.name, exc)
@@ -226,8 +226,7 @@ dt{font-weight:bold;float:left;clear:left;width:7em}dd{margin-left:7.5em}"""
 def render_html(run: RunData, ev: Evaluation | None = None, truth: pa.Table | None = None, *,
                 title: str | None = None, storage_options: dict | None = None) -> str:
     """The report page as a string (see :func:`write_report`)."""
-    classes = sorted(set(run.classes) | set(run.picks.column("class").to_pylist())
-                     | (set(truth.column("class").to_pylist()) if truth is not None else set()))
+    classes = _classes(run, truth)
     colours = {c: hex_colour(rgb) for c, rgb in class_colours(classes).items()}
     heading = title or f"CryoSAM run report: {run.out_dir}"
     done = sum(t.status != "failed" for t in run.tomograms)
@@ -271,7 +270,8 @@ def _failures(run: RunData) -> str:
 def _quality_table(rows: list[QualityRow], ev: Evaluation) -> str:
     ks = sorted({k for r in rows for k in r.recall_at})
     head = ("<tr><th class=\"l\">scope</th><th class=\"l\">name</th><th>TP</th><th>FP</th><th>FN</th><th>P</th>"
-            f"<th>R</th><th>F1</th><th>F{ev.beta:g}</th><th>AP</th>" + "".join(f"<th>R@{k}x</th>" for k in ks) + "</tr>")
+            f"<th>R</th><th>F1</th><th>F{ev.beta:g}</th><th>AP</th>"
+            + "".join(f"<th>R@{k}x</th>" for k in ks) + "</tr>")
     body = "".join(
         f"<tr><td class=\"l\">{escape(r.scope)}</td><td class=\"l\">{escape(r.name)}</td><td>{r.tp}</td>"
         f"<td>{r.fp}</td><td>{r.fn}</td><td>{r.precision:.3f}</td><td>{r.recall:.3f}</td><td>{r.f1:.3f}</td>"
@@ -347,6 +347,12 @@ def _tomogram(entry: TomogramEntry, run: RunData, classes: list[str], colours: d
     else:
         parts.append("<p class=\"muted\">No preview image.</p>")
     return "\n".join(parts)
+
+
+def _classes(run: RunData, truth: pa.Table | None) -> list[str]:
+    """Every class of the run, its picks and the truth, sorted: the previews' colour order."""
+    return sorted(set(run.classes) | set(run.picks.column("class").to_pylist())
+                  | (set(truth.column("class").to_pylist()) if truth is not None else set()))
 
 
 def _read_json(fs, path: str) -> dict | None:
