@@ -23,7 +23,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from cryosam_ray.ranking import (RECALL_MULTIPLES, GroupRanking, RankingReport, RankingScores, as_points,
-                                 greedy_match, score_ranks, summarise)
+                                 greedy_match, precision_recall_curve, score_ranks, summarise)
 from cryosam_ray.tables import angstrom_to_voxels, validate_picks, validate_truth
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ class Counts:
 class PickingReport:
     """Counts per class (summed over tomograms), per tomogram (summed over classes), per
     (tomogram, class) and overall (micro-averaged: the sum of all counts); ``ranking``: the
-    score-ranked metrics of the same scopes (:class:`~cryosam_ray.ranking.RankingReport`)."""
+    score-ranked metrics of the same scopes (:class:`~cryosam_ray.ranking.RankingReport`);
+    ``match``: the match distance rule (``{"distance_vox": d}``, ``{"distance_a": d}`` or
+    ``{"radius_fraction": f}``); ``curves``: per class, the precision-recall curve of its picks
+    ranked by score over all tomograms (:func:`~cryosam_ray.ranking.precision_recall_curve`)."""
 
     per_class: dict[str, Counts]
     per_tomogram: dict[str, Counts]
@@ -86,12 +89,15 @@ class PickingReport:
     overall: Counts
     beta: float = 4.0
     ranking: RankingReport | None = None
+    match: dict | None = None
+    curves: dict[str, dict] | None = None
 
     def to_json(self) -> dict:
         """``{"per_class": {CLASS: metrics}, "per_tomogram": {TOMOGRAM: metrics}, "overall": metrics}``
         where metrics is :meth:`Counts.to_dict` plus, with a ranking,
         :meth:`~cryosam_ray.ranking.RankingScores.to_dict` (``ap``, ``recall_at_1x`` ...); then
-        also ``"ranked_by": "score" | "table order"``."""
+        also ``"ranked_by": "score" | "table order"``; with a match rule ``"match"`` (plus
+        ``"beta"``) and with curves ``"pr_curve": {CLASS: curve}``."""
         rk = self.ranking
         out = {"per_class": {k: self._metrics(c, rk.per_class[k] if rk else None)
                              for k, c in self.per_class.items()},
@@ -100,6 +106,10 @@ class PickingReport:
                "overall": self._metrics(self.overall, rk.overall if rk else None)}
         if rk is not None:
             out["ranked_by"] = rk.ranked_by
+        if self.match is not None:
+            out["match"] = {**self.match, "beta": self.beta}
+        if self.curves is not None:
+            out["pr_curve"] = self.curves
         return out
 
     def _metrics(self, counts: Counts, ranked: RankingScores | None) -> dict:
@@ -277,10 +287,19 @@ def evaluate_picks(truth: pa.Table, picks: pa.Table, *, distance_vox: float | No
         per_tomogram[tomo] = per_tomogram.get(tomo, Counts()) + counts
         overall = overall + counts
     ranking = summarise(ranked_groups, ranked_by=ranked_by)
+    curves = {}
+    for cls in sorted({c for _, c in ranked_groups}):
+        members = [g for (_, c), g in ranked_groups.items() if c == cls]
+        order = np.argsort(np.concatenate([g.rank for g in members]), kind="stable")
+        curves[cls] = precision_recall_curve(np.concatenate([g.is_tp for g in members])[order],
+                                             sum(g.n_truth for g in members))
+    match = ({"distance_vox": float(distance_vox)} if distance_vox is not None
+             else {"distance_a": float(distance_a)} if distance_a is not None
+             else {"radius_fraction": float(radius_fraction)})
     log.info("picking evaluation: tp=%d fp=%d fn=%d f%g=%.4f mAP=%.4f", overall.tp, overall.fp, overall.fn,
              beta, overall.fbeta(beta), ranking.overall.ap)
     return PickingReport(dict(sorted(per_class.items())), dict(sorted(per_tomogram.items())), per_tc,
-                         overall, beta, ranking)
+                         overall, beta, ranking, match, curves)
 
 
 @dataclass

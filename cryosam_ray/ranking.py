@@ -115,6 +115,28 @@ def average_precision(is_tp, n_truth: int) -> float:
     return float(precision_at_hits.sum() / n_truth)
 
 
+def precision_recall_curve(is_tp, n_truth: int, *, max_points: int = 200) -> dict:
+    """Precision and recall after each of the first k ranked picks, k = 1..N.
+
+    Args:
+        is_tp: (N,) bool, the picks in rank order (best first).
+        n_truth: number of truth particles (recall's denominator).
+        max_points: at most this many points are kept (evenly spaced ranks, the last always).
+
+    Returns:
+        ``{"rank": [k ...], "precision": [...], "recall": [...], "n_truth": n_truth}`` as plain
+        Python numbers; recall is 0 everywhere when ``n_truth`` is 0; empty lists with no picks.
+    """
+    is_tp = np.asarray(is_tp, dtype=bool).reshape(-1)
+    hits = np.cumsum(is_tp)
+    ranks = np.arange(1, is_tp.size + 1)
+    keep = np.unique(np.linspace(0, is_tp.size - 1, min(is_tp.size, max(2, int(max_points)))).round().astype(int))
+    keep = keep[keep < is_tp.size]
+    recall = hits[keep] / n_truth if n_truth else np.zeros(keep.size)
+    return {"rank": ranks[keep].tolist(), "precision": np.round(hits[keep] / ranks[keep], 6).tolist(),
+            "recall": np.round(recall, 6).tolist(), "n_truth": int(n_truth)}
+
+
 @dataclass
 class GroupRanking:
     """The ranked picks of one (tomogram, class), as :func:`summarise` needs them."""

@@ -13,7 +13,7 @@ import pytest
 
 from cryosam_ray.cli import main
 from cryosam_ray.evaluate import Counts, evaluate_masks, evaluate_picks, match_points
-from cryosam_ray.ranking import average_precision, greedy_match, score_ranks
+from cryosam_ray.ranking import average_precision, greedy_match, precision_recall_curve, score_ranks
 from cryosam_ray.tables import picks_table, write_picks
 
 RADIUS = 6.0  # voxels; default threshold = 0.5 * radius = 3 voxels
@@ -185,7 +185,11 @@ def test_report_to_json_and_table():
     truth = make_truth(10, tomograms=("TS_01", "TS_02"))
     report = evaluate_picks(truth, as_picks(truth, keep=lambda i: i % 2 == 0))
     data = report.to_json()
-    assert set(data) == {"per_class", "per_tomogram", "overall", "ranked_by"}
+    assert set(data) == {"per_class", "per_tomogram", "overall", "ranked_by", "match", "pr_curve"}
+    assert data["match"] == {"radius_fraction": 0.5, "beta": 4.0}
+    curve = data["pr_curve"]["ribosome"]
+    assert curve["n_truth"] == 20 and curve["rank"][-1] == 10 and curve["recall"][-1] == 0.5
+    assert curve["precision"] == [1.0] * len(curve["rank"])
     metric_keys = {"tp", "fp", "fn", "precision", "recall", "f1", "fbeta", "ap", "recall_at_1x", "recall_at_2x",
                    "recall_at_3x"}
     assert set(data["overall"]) == metric_keys
@@ -270,6 +274,17 @@ def test_average_precision_hand_worked():
     assert average_precision([False, True, False, True, True], 3) == pytest.approx(8 / 15, abs=1e-9)
     # Without p4, C is never found: AP = (1/2 + 2/4) / 3 = 1/3.
     assert evaluate_picks(truth, scored_picks(rows[:4])).ranking.overall.ap == pytest.approx(1 / 3, abs=1e-9)
+
+
+def test_precision_recall_curve_hand_worked_and_thinned():
+    curve = precision_recall_curve([True, False, True, True], 5)
+    assert curve == {"rank": [1, 2, 3, 4], "precision": [1.0, 0.5, pytest.approx(2 / 3, abs=1e-6), 0.75],
+                     "recall": [0.2, 0.2, 0.4, 0.6], "n_truth": 5}
+    assert precision_recall_curve([], 3) == {"rank": [], "precision": [], "recall": [], "n_truth": 3}
+    assert precision_recall_curve([True], 0)["recall"] == [0.0]
+    long = precision_recall_curve(np.arange(1000) % 3 == 0, 400, max_points=50)
+    assert len(long["rank"]) == 50 and long["rank"][0] == 1 and long["rank"][-1] == 1000
+    assert long["recall"][-1] == pytest.approx(334 / 400)
 
 
 def test_average_precision_edge_cases():

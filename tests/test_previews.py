@@ -1,4 +1,4 @@
-"""Previews: three central slices with picks and mask outlines, drawn and written as PNG."""
+"""Previews: z slabs (mean projections) with every pick, truth and mask outlines, written as PNG."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from cryosam_ray.errors import TableError
-from cryosam_ray.previews import (CLASS_COLOURS, UNASSIGNED_COLOUR, class_colours, render_preview,
+from cryosam_ray.previews import (CLASS_COLOURS, UNASSIGNED_COLOUR, class_colours, plan_slabs, render_preview,
                                   write_preview)
 from cryosam_ray.tomo_io import open_tomogram, write_mrc
 
-SHAPE = (24, 40, 48)  # central slices: z = 12, y = 20, x = 24
+SHAPE = (40, 40, 48)
 BALL_RADIUS = 5
-# ball A crosses the central z and y slices, ball B the central z and x slices
-CENTRES = {"ribosome": (12, 20, 12), "hsp60": (12, 30, 24)}
+# far apart in z: with slabs ~2 radii thick each ball lies in a different slab, off the central slices
+CENTRES = {"ribosome": (4, 20, 12), "hsp60": (33, 30, 34)}
 
 
 def _balls() -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +37,8 @@ def _balls() -> tuple[np.ndarray, np.ndarray]:
 def scene(tmp_path):
     volume, labels = _balls()
     write_mrc(tmp_path / "TS_07.mrc", volume, 10.0)
-    picks = [{"tomogram": "TS_07", "class": cls, "instance_id": i, "z": c[0], "y": c[1], "x": c[2]}
-             for i, (cls, c) in enumerate(CENTRES.items(), start=1)]
+    picks = [{"tomogram": "TS_07", "class": cls, "instance_id": i, "z": c[0], "y": c[1], "x": c[2],
+              "radius": BALL_RADIUS} for i, (cls, c) in enumerate(CENTRES.items(), start=1)]
     return open_tomogram(tmp_path / "TS_07.mrc"), picks, labels
 
 
@@ -47,67 +47,101 @@ def _count(image: Image.Image, colour, box=None) -> int:
     return int(np.all(pixels == np.asarray(colour, np.uint8), axis=-1).sum())
 
 
-def _pixel(image, axis: str, row: float, col: float) -> tuple[int, int]:
-    """(x, y) image pixel of voxel (row, col) of the ``axis`` panel."""
-    panel = image.info["panels"][axis]
+def _panel_of(image, z: float) -> dict:
+    return next(p for p in image.info["panels"] if p["z0"] <= z < p["z1"])
+
+
+def _pixel(panel: dict, y: float, x: float) -> tuple[int, int]:
+    """(x, y) image pixel of voxel (y, x) of a panel."""
     left, top = panel["box"][:2]
     sy, sx = panel["scale"]
-    return round(left + (col + 0.5) * sx - 0.5), round(top + (row + 0.5) * sy - 0.5)
+    return round(left + (x + 0.5) * sx - 0.5), round(top + (y + 0.5) * sy - 0.5)
 
 
-def test_render_shape_and_class_colours(scene):
-    tomo, picks, labels = scene
-    image = render_preview(tomo, picks, labels, max_side=512)
+def test_plan_slabs_cover_the_depth():
+    assert plan_slabs(40, 5) == [(0, 10), (10, 20), (20, 30), (30, 40)]
+    assert plan_slabs(64, 6.5) == [(0, 13), (13, 26), (26, 38), (38, 51), (51, 64)]
+    thick = plan_slabs(500, 4, max_slabs=12)  # 62 slabs of 8 would be too many: 12 thicker ones
+    assert len(thick) == 12 and thick[0][0] == 0 and thick[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(thick, thick[1:]))
+    assert plan_slabs(3, 20) == [(0, 3)]
+    with pytest.raises(ValueError):
+        plan_slabs(0, 5)
+
+
+def test_every_pick_is_drawn_in_its_slab(scene):
+    tomo, picks, _ = scene
+    image = render_preview(tomo, picks, max_side=512)
     assert image.mode == "RGB"
-    assert image.width > image.height
-    assert image.width <= 1.5 * 512 + 50 and image.height <= 512
+    panels = image.info["panels"]
+    assert [(p["z0"], p["z1"]) for p in panels] == [(0, 10), (10, 20), (20, 30), (30, 40)]
+    assert sum(p["picks"] for p in panels) == len(picks)
     colours = class_colours(["ribosome", "hsp60"])
     assert colours == {"hsp60": CLASS_COLOURS[0], "ribosome": CLASS_COLOURS[1]}
-    panels = image.info["panels"]
-    assert [panels[a]["index"] for a in "zyx"] == [12, 20, 24]
-    z, y, x = (panels[a]["box"] for a in "zyx")
-    for colour in colours.values():
-        assert _count(image, colour, z) > 0
-    # each ball crosses only its own one of the y and x slices
-    assert _count(image, colours["ribosome"], y) > 0 and _count(image, colours["hsp60"], y) == 0
-    assert _count(image, colours["hsp60"], x) > 0 and _count(image, colours["ribosome"], x) == 0
+    for cls, centre in CENTRES.items():
+        mine = _panel_of(image, centre[0])
+        assert mine["picks"] == 1
+        assert _count(image, colours[cls], mine["box"]) > 0
+        other = [p for p in panels if p is not mine]
+        assert all(_count(image, colours[cls], p["box"]) == 0 for p in other)
 
 
 def test_nothing_to_draw_draws_no_palette_colour(scene):
     tomo, _, _ = scene
     image = render_preview(tomo, [])
     assert all(_count(image, colour) == 0 for colour in CLASS_COLOURS)
+    assert image.info["panels"][0]["z0"] == 0 and image.info["panels"][-1]["z1"] == SHAPE[0]
 
 
 def test_circle_around_the_pick_at_its_radius(scene):
     tomo, picks, _ = scene
     radius = 8.0
     pick = dict(picks[0], voxel_count=4 / 3 * math.pi * radius ** 3)
-    image = render_preview(tomo, [pick], max_side=512)
+    image = render_preview(tomo, [pick], max_side=512, pick_radius=5)
     colour = class_colours(["ribosome"])["ribosome"]
     pixels = np.asarray(image)
-    cx, cy = _pixel(image, "z", pick["y"], pick["x"])
+    panel = _panel_of(image, pick["z"])
+    cx, cy = _pixel(panel, pick["y"], pick["x"])
     assert tuple(pixels[cy, cx]) != colour
-    sx = image.info["panels"]["z"]["scale"][1]
+    sx = panel["scale"][1]
     ring = [tuple(pixels[cy, cx + d]) == colour for d in range(round(radius * sx) - 3, round(radius * sx) + 2)]
     assert any(ring)
     inside = [tuple(pixels[cy, cx + d]) == colour for d in range(0, round(radius * sx) - 4)]
     assert not any(inside)
-    # on the y = 20 slice the sphere's cross-section is the same circle (the pick lies on it)
-    cx, cy = _pixel(image, "y", pick["z"], pick["x"])
-    assert any(tuple(pixels[cy, cx - d]) == colour for d in range(round(radius * sx) - 3, round(radius * sx) + 2))
+
+
+def test_truth_is_a_cross_and_counted(scene):
+    tomo, picks, _ = scene
+    truth = [{"tomogram": "TS_07", "class": "hsp60", "z": 25, "y": 10, "x": 10, "radius": 5.0}]
+    image = render_preview(tomo, picks, truth=truth)
+    panel = _panel_of(image, 25)
+    assert panel["truth"] == 1 and panel["picks"] == 0
+    colour = class_colours(["ribosome", "hsp60"])["hsp60"]
+    pixels = np.asarray(image)
+    cx, cy = _pixel(panel, 10, 10)
+    assert tuple(pixels[cy, cx]) == colour  # a cross passes through its centre, a circle does not
+    assert tuple(pixels[cy, cx + 4]) == colour and tuple(pixels[cy + 4, cx]) == colour
 
 
 def test_mask_outlines_take_the_class_colour(scene):
     tomo, _, labels = scene
-    image = render_preview(tomo, [], labels, label_classes={1: "ribosome", 2: "hsp60"})
+    image = render_preview(tomo, [], labels, label_classes={1: "ribosome", 2: "hsp60"}, pick_radius=5)
     colours = class_colours(["ribosome", "hsp60"])
-    z_box = image.info["panels"]["z"]["box"]
-    assert all(_count(image, colour, z_box) > 0 for colour in colours.values())
-    # an outline, not a filled disc: the ball's centre keeps its gray value
-    pixels = np.asarray(image)
-    cx, cy = _pixel(image, "z", *CENTRES["ribosome"][1:])
-    assert tuple(pixels[cy, cx]) != colours["ribosome"]
+    for cls, centre in CENTRES.items():
+        panel = _panel_of(image, centre[0])
+        assert _count(image, colours[cls], panel["box"]) > 0
+        # an outline, not a filled disc: the ball's centre keeps its gray value
+        cx, cy = _pixel(panel, *centre[1:])
+        assert tuple(np.asarray(image)[cy, cx]) != colours[cls]
+
+
+def test_labels_may_be_a_lazily_opened_mask(scene, tmp_path):
+    tomo, picks, labels = scene
+    write_mrc(tmp_path / "TS_07_instances.mrc", labels, 10.0)
+    lazy = open_tomogram(tmp_path / "TS_07_instances.mrc")
+    a = render_preview(tomo, picks, lazy, label_classes={1: "ribosome", 2: "hsp60"})
+    b = render_preview(tomo, picks, labels, label_classes={1: "ribosome", 2: "hsp60"})
+    assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_labels_without_a_class_are_white_and_no_palette_colour(scene):
@@ -122,49 +156,54 @@ def test_classes_fix_the_colours_and_other_tomograms_are_skipped(scene):
     other = dict(picks[0], tomogram="TS_99", **{"class": "atpase"})
     image = render_preview(tomo, [*picks, other], classes=["atpase", "hsp60", "ribosome"])
     colours = class_colours(["atpase", "hsp60", "ribosome"])
-    z_box = image.info["panels"]["z"]["box"]
-    assert _count(image, colours["ribosome"], z_box) > 0 and _count(image, colours["hsp60"], z_box) > 0
-    assert _count(image, colours["atpase"], z_box) == 0
+    assert _count(image, colours["ribosome"]) > 0 and _count(image, colours["hsp60"]) > 0
+    assert sum(p["picks"] for p in image.info["panels"]) == 2
 
 
-def test_reads_exactly_three_slices(scene):
+def test_reads_slab_by_slab_never_the_whole_volume(scene):
     tomo, picks, labels = scene
     calls = []
-    original = tomo.slice
-    tomo.slice = lambda axis, index: calls.append((axis, index)) or original(axis, index)
+    original = tomo.slab
+    tomo.slab = lambda axis, a, b: calls.append((axis, a, b)) or original(axis, a, b)
+    tomo.read = None  # would fail if called
     render_preview(tomo, picks, labels)
-    assert sorted(calls) == [(0, 12), (1, 20), (2, 24)]
+    assert all(axis == 0 and b - a <= 10 for axis, a, b in calls)
+    assert sorted((a, b) for _, a, b in calls) == [(0, 10), (10, 20), (20, 30), (30, 40)]
 
 
 class _FakeTomogram:
-    """A huge tomogram that only makes the slices asked for."""
+    """A huge tomogram that only makes the slabs asked for, and counts the slices read."""
 
     def __init__(self, shape):
-        self.shape, self.name = shape, "huge"
+        self.shape, self.name, self.read_slices = shape, "huge", 0
 
-    def slice(self, axis, index):
-        rows, cols = [s for a, s in enumerate(self.shape) if a != axis]
-        return np.random.default_rng(axis).normal(size=(rows, cols)).astype(np.float32)
-
-    def normalize(self, block, *, clip_sigma=5.0):
-        return np.clip(block, -clip_sigma, clip_sigma)
+    def slab(self, axis, start, stop):
+        assert axis == 0
+        self.read_slices += stop - start
+        return np.random.default_rng(start).normal(size=(stop - start, *self.shape[1:])).astype(np.float32)
 
 
 @pytest.mark.parametrize("shape", [(16, 40, 48), (500, 1024, 1024)])
 def test_small_and_large_volumes_fit(shape):
-    picks = [{"class": "ribosome", "z": shape[0] / 2, "y": shape[1] / 2, "x": shape[2] / 2, "voxel_count": 500}]
-    image = render_preview(_FakeTomogram(shape), picks, max_side=512)
+    picks = [{"class": "ribosome", "z": z, "y": shape[1] / 2, "x": shape[2] / 2, "voxel_count": 500}
+             for z in np.linspace(0, shape[0] - 1, 7)]
+    tomo = _FakeTomogram(shape)
+    image = render_preview(tomo, picks, max_side=512, max_slices=8)
     panels = image.info["panels"]
-    longest = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in panels.values())
+    assert len(panels) <= 12 and sum(p["picks"] for p in panels) == len(picks)
+    longest = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in panels)
     assert 128 <= longest <= 256
-    assert image.width > image.height and image.width <= 1.5 * 512 + 50 and image.height <= 512
-    assert _count(image, class_colours(["ribosome"])["ribosome"], panels["z"]["box"]) > 0
+    assert image.width <= 4 * 256 + 3 * 12 + 20
+    assert tomo.read_slices <= 8 * len(panels)  # thick slabs are sampled
+    assert _count(image, class_colours(["ribosome"])["ribosome"]) > 0
 
 
 def test_bad_input_is_named(scene):
     tomo, picks, labels = scene
     with pytest.raises(TableError, match="'z'"):
         render_preview(tomo, [{"class": "ribosome", "y": 1, "x": 2}])
+    with pytest.raises(TableError, match="truth"):
+        render_preview(tomo, picks, truth=[{"class": "ribosome", "z": 1, "x": 2}])
     with pytest.raises(ValueError, match="shape"):
         render_preview(tomo, picks, labels[:, :, :-1])
 
