@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pred-masks", help="predicted instance masks: an MRC file or a folder of "
                     "<name>_instances.mrc")
     ev.add_argument("--json", help="also write the report as JSON to this file")
+    ev.add_argument("--report", metavar="DIR", help="rewrite DIR/report.html with this evaluation (quality table, "
+                    "precision-recall curves, truth on the previews); default: the picks' folder when it holds "
+                    "a run.json")
     _config_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -157,6 +160,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
+    folder = args.report or (str(Path(args.picks).parent) if (Path(args.picks).parent / "run.json").exists() else None)
+    if folder:
+        from cryosam_ray.report import write_report
+
+        print(f"wrote {write_report(folder, evaluation=result, truth=read_truth(args.truth))}")
     return 0
 
 
@@ -165,11 +173,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     cfg = _load(args, {"segmenter.backend": args.backend, "segmenter.sam.checkpoint": args.checkpoint,
                        "propagation.directions": args.directions, "io.voxel_size_a": args.voxel_size})
+    from cryosam_ray.report import write_report
+
     output = run_segment(args.tomogram, args.prompts, args.out, cfg)
     for message in output.messages:
         print(f"warning: {message}", file=sys.stderr)
     found = sum(not inst.empty for inst in output.instances)
-    print(f"segmented {found} of {len(output.instances)} prompts; wrote {', '.join(output.files)}")
+    report = write_report(args.out, storage_options=cfg.io.storage_options)
+    print(f"segmented {found} of {len(output.instances)} prompts; wrote {', '.join(output.files + [report])}")
     return 0
 
 
@@ -185,11 +196,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         summary = run_on_ray(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
                              progress=not args.no_progress, incremental=args.incremental)
+    from cryosam_ray.report import write_report
+
     for record in summary.records:
         state = {"done": f"{len(record.picks)} picks", "skipped": f"{len(record.picks)} picks (done before)",
                  "failed": f"FAILED: {record.error}"}[record.status]
         print(f"{record.name}: {state}")
-    print(f"wrote {args.out.rstrip('/')}/picks.parquet, picks.csv, picks.star, masks/ and run.json")
+    report = write_report(args.out, storage_options=cfg.io.storage_options)
+    out = args.out.rstrip("/")
+    print(f"wrote {out}/picks.parquet, picks.csv, picks.star, masks/, previews/ and run.json; "
+          f"open {report} for the previews, counts, scores and times")
     return 1 if summary.failed else 0
 
 

@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import os
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 

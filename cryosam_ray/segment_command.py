@@ -16,10 +16,12 @@ import pyarrow as pa
 
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.errors import PromptError
+from cryosam_ray.previews import render_preview, write_preview
 from cryosam_ray.propagation import Instance, propagate
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks
 from cryosam_ray.stages.outputs import label_volume
+from cryosam_ray.storage import join
 from cryosam_ray.tomo_io import Tomogram, open_tomogram, write_mrc
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,10 @@ def run_segment(tomogram_url: str, prompts_path: str, out_dir: str, cfg: CryoSam
     table = picks_table(rows)
     files = write_picks(table, out_dir)
     labels = label_volume(tomogram.shape, instances, [r["instance_id"] for r in rows])
-    mask_path = f"{str(out_dir).rstrip('/')}/masks/{tomogram.name}_instances.mrc"
+    mask_path = join(out_dir, "masks", f"{tomogram.name}_instances.mrc")
     files.append(write_mrc(mask_path, labels, tomogram.voxel_size_a))
+    image = render_preview(tomogram, rows, labels, label_classes={r["instance_id"]: r["class"] for r in rows})
+    files.append(write_preview(join(out_dir, "previews", f"{tomogram.name}.png"), image))
     found = sum(not inst.empty for inst in instances)
     log.info("%s: %d of %d prompts segmented; wrote %s", tomogram.name, found, len(instances), Path(out_dir))
     return SegmentOutput(table=table, instances=instances, files=files)

@@ -47,13 +47,15 @@ def write_masks(out_dir: str, tomogram: Tomogram, particles: list[Particle], cla
                       storage_options=storage_options)]
 
 
-def write_preview(out_dir: str, tomogram: Tomogram, particles: list[Particle], picks: list[Pick], *,
-                  storage_options: dict | None = None) -> str:
-    """``previews/<name>.png``: the tomogram with its picks and mask outlines. Returns its URL."""
+def write_preview(out_dir: str, tomogram: Tomogram, particles: list[Particle], picks: list[Pick], classes: list[str],
+                  *, storage_options: dict | None = None) -> str:
+    """``previews/<name>.png``: z slabs of the tomogram with every pick and its mask outline, one
+    colour per class of ``classes`` (the same in every tomogram's preview). Returns its URL."""
     from cryosam_ray import previews
 
     rows = [pick.row() for pick in picks]
     labels = label_volume(tomogram.shape, [p.instance for p in particles], [p.instance_id for p in picks])
-    image = previews.render_preview(tomogram, rows, labels, label_classes={p.instance_id: p.cls for p in picks})
+    image = previews.render_preview(tomogram, rows, labels, classes=classes,
+                                    label_classes={p.instance_id: p.cls for p in picks})
     return previews.write_preview(join(out_dir, "previews", f"{tomogram.name}.png"), image,
                                   storage_options=storage_options)
