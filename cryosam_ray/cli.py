@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from cryosam_ray.executors.in_process import run_in_process
 
         summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
-                                 incremental=args.incremental)
+                                 incremental=args.incremental, progress=not args.no_progress)
     else:
         from cryosam_ray.executors.on_ray import run_on_ray
 

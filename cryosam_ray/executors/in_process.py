@@ -18,13 +18,14 @@ from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, Tom
                              prompt_query_parts, tomogram_header)
 from cryosam_ray.particle import Particle
 from cryosam_ray.plan import Plan, RunSummary, StageTimes, make_plan, write_record, write_run_outputs
+from cryosam_ray.progress import Progress
 from cryosam_ray.stages.query import combine_queries
 
 log = logging.getLogger(__name__)
 
 
 def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *,
-                   fail_fast: bool = False, incremental: bool = False) -> RunSummary:
+                   fail_fast: bool = False, incremental: bool = False, progress: bool = False) -> RunSummary:
     """The full pipeline over a dataset, in this process; outputs under ``out_dir``.
 
     Resume and ``incremental`` work as on Ray (see :func:`cryosam_ray.plan.make_plan`).
@@ -33,7 +34,7 @@ def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, c
     timer = StageTimes()
     plan = make_plan(tomogram_specs, prompts_path, out_dir, cfg, incremental=incremental, fail_fast=fail_fast)
     timer.add("plan", t0)
-    run = _Run(plan, cfg, timer, fail_fast)
+    run = _Run(plan, cfg, timer, fail_fast, Progress(progress))
     classes = run.run() if plan.todo else sorted({p.cls for ps in plan.points.values() for p in ps})
     summary = write_run_outputs(plan, run.records, timer.times, cfg, classes, extra={"executor": "in-process"})
     summary.times["wall"] = time.perf_counter() - t0
@@ -41,8 +42,8 @@ def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, c
 
 
 class _Run:
-    def __init__(self, plan: Plan, cfg: CryoSamConfig, timer: StageTimes, fail_fast: bool):
-        self.plan, self.cfg, self.timer, self.fail_fast = plan, cfg, timer, fail_fast
+    def __init__(self, plan: Plan, cfg: CryoSamConfig, timer: StageTimes, fail_fast: bool, progress: Progress):
+        self.plan, self.cfg, self.timer, self.fail_fast, self.progress = plan, cfg, timer, fail_fast, progress
         self.records = dict(plan.records)
         self.headers: dict[str, TomogramHeader] = {}
         self.groups: dict[str, str] = {}
@@ -54,6 +55,7 @@ class _Run:
         self.embedder = EmbedderWorker(cfg) if precomputes_embeddings(cfg) else None
         prompts: dict[str, list[Particle]] = {}
         parts = []
+        self.progress.add("tomograms", total=len(self.plan.todo))
         for name in self.plan.prompt_tomograms:
             try:
                 self._prepare(name)
@@ -91,6 +93,8 @@ class _Run:
                 write_record(self.plan.out_dir, record, cfg.io.storage_options)
             except CryoSamError as exc:
                 self._fail(name, exc)
+            self.progress.add("tomograms", done=1)
+        self.progress.close()
         return classes
 
     def _prepare(self, name: str) -> None:

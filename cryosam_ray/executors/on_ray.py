@@ -38,6 +38,7 @@ from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, Sha
                              prompt_query_parts, tomogram_header)
 from cryosam_ray.particle import ClassQuery
 from cryosam_ray.plan import Plan, RunSummary, TomogramRecord, make_plan, write_record, write_run_outputs
+from cryosam_ray.progress import Progress
 from cryosam_ray.stages.query import combine_queries
 from cryosam_ray.tables import Point
 
@@ -173,30 +174,6 @@ class _Pending:
     since: float = field(default_factory=time.perf_counter)
 
 
-class _Progress:
-    """One progress display per stage on the driver (tomograms, slices, prompts)."""
-
-    def __init__(self, enabled: bool):
-        self.bars = {}
-        self.enabled = enabled
-
-    def add(self, stage: str, total: int = 0, done: int = 0) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(total=0, desc=stage, unit="", position=len(self.bars), leave=True)
-        bar = self.bars[stage]
-        bar.total += total
-        bar.update(done)
-        bar.refresh()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
 class _RayRun:
     def __init__(self, plan: Plan, cfg: CryoSamConfig, fail_fast: bool, progress: bool):
         self.plan, self.cfg, self.fail_fast = plan, cfg, fail_fast
@@ -211,7 +188,7 @@ class _RayRun:
         self.active = 0  # tomograms admitted and not yet closed
         self.times: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
-        self.progress = _Progress(progress)
+        self.progress = Progress(progress)
         self.precompute = precomputes_embeddings(cfg)
         run_id = uuid.uuid4().hex[:8]
         r = cfg.ray
