@@ -137,7 +137,7 @@ def check_flops(dinov2: str, registers: int, image_size: int, sam: str) -> dict:
     """Analytic and counted FLOPs per slice of the two architectures."""
     from segment_anything.build_sam import _build_sam
 
-    from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES
+    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
 
     out = {}
     if dinov2 != "none":
@@ -173,7 +173,8 @@ def bench_dinov2(args, slices: np.ndarray, tmp: Path) -> tuple[float, str]:
 def bench_sam(args, volume: np.ndarray, tmp: Path) -> tuple[float, str]:
     from segment_anything.build_sam import _build_sam
 
-    from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES, SamSegmenter
+    from cryosam_ray.segmenters.sam import SamSegmenter
+    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
     from cryosam_ray.tomo_io import Tomogram
 
     torch.save(_build_sam(**SAM_ARCHITECTURES[args.sam], checkpoint=None).state_dict(), tmp / "sam.pth")

@@ -116,7 +116,7 @@ def run_gpu(args) -> None:
     from cryosam_ray.stages.prompts import segment_prompts
     from cryosam_ray.stages.query import build_queries
     from cryosam_ray.segmenters import build_segmenter
-    from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES
+    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
     from cryosam_ray.synth import SynthSettings, synthesize
     from cryosam_ray.tables import Point
     from cryosam_ray.tomo_io import Tomogram

@@ -23,7 +23,7 @@ from segment_anything.modeling.common import LayerNorm2d
 
 from cryosam_ray.config import load_config
 from cryosam_ray.errors import ConfigError
-from cryosam_ray.segmenters.sam import build_sam
+from cryosam_ray.segmenters.sam_build import build_sam
 from cryosam_ray.segmenters.sam_kernels import Fp32LayerNorm2d, patch_image_encoder
 from cryosam_ray.weights import native_bf16, resolve_precision
 

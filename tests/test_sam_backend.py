@@ -14,7 +14,8 @@ from cryosam_ray.embedding_store import EmbeddingStore
 from cryosam_ray.tomo_io import data_fingerprint
 from cryosam_ray.errors import ConfigError, PromptError, WeightsError
 from cryosam_ray.segmenters.base import PromptableSegmenter, SliceRequest
-from cryosam_ray.segmenters.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, decode_masks
+from cryosam_ray.segmenters.sam import SamSegmenter, decode_masks
+from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES, build_sam
 from cryosam_ray.segmenters.sam_kernels import Fp32LayerNorm2d, SdpaAttention, patch_image_encoder, rel_pos_bias
 from cryosam_ray.tomo_io import open_tomogram, write_mrc
 

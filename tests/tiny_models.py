@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import transformers
 
-from cryosam_ray.segmenters.sam import build_sam
+from cryosam_ray.segmenters.sam_build import build_sam
 from cryosam_ray.tomo_io import write_mrc
 
 
