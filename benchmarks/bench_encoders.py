@@ -2,7 +2,7 @@
 
     python benchmarks/bench_encoders.py [--dinov2 large] [--sam vit_h] [--slices 256] [--side 512]
         [--dinov2-batch 64] [--sam-batch 16] [--precision auto] [--attention sdpa] [--compile] [--json FILE]
-    python benchmarks/bench_encoders.py --dinov2 tiny --sam vit_tiny --slices 4   # a quick check on a CPU
+    python benchmarks/bench_encoders.py --dinov2 tiny --sam tiny --slices 4   # a quick check on a CPU
     python benchmarks/bench_encoders.py --flops-only   # FLOPs per slice of ViT-L/14 and ViT-H, no timing
 
 One run measures, on the same device:
@@ -133,11 +133,20 @@ def dinov2_model(size: str, registers: int):
     return cls(config)
 
 
+# A 2-block, 32-wide SAM image encoder (``model_type: custom``): a quick check on a CPU.
+TINY_SAM = dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,))
+
+
+def sam_architecture(name: str) -> dict:
+    """The image-encoder sizes of a registry SAM, or of the tiny one."""
+    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
+
+    return TINY_SAM if name == "tiny" else SAM_ARCHITECTURES[name]
+
+
 def check_flops(dinov2: str, registers: int, image_size: int, sam: str) -> dict:
     """Analytic and counted FLOPs per slice of the two architectures."""
     from segment_anything.build_sam import _build_sam
-
-    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
 
     out = {}
     if dinov2 != "none":
@@ -148,7 +157,7 @@ def check_flops(dinov2: str, registers: int, image_size: int, sam: str) -> dict:
         out["dinov2"] = (dinov2_flops(hidden, layers, image_size=image_size, registers=registers),
                          counted_flops(model, pixel_values=pixels))
     if sam != "none":
-        arch = SAM_ARCHITECTURES[sam]
+        arch = sam_architecture(sam)
         with torch.device("meta"):
             encoder = _build_sam(**arch, checkpoint=None).image_encoder
             image = torch.empty(1, 3, 1024, 1024)
@@ -174,11 +183,12 @@ def bench_sam(args, volume: np.ndarray, tmp: Path) -> tuple[float, str]:
     from segment_anything.build_sam import _build_sam
 
     from cryosam_ray.segmenters.sam import SamSegmenter
-    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
     from cryosam_ray.tomo_io import Tomogram
 
-    torch.save(_build_sam(**SAM_ARCHITECTURES[args.sam], checkpoint=None).state_dict(), tmp / "sam.pth")
-    seg = SamSegmenter(model_type=args.sam, checkpoint=str(tmp / "sam.pth"), batch_size=args.sam_batch,
+    arch = sam_architecture(args.sam)
+    torch.save(_build_sam(**arch, checkpoint=None).state_dict(), tmp / "sam.pth")
+    seg = SamSegmenter(model_type="custom" if args.sam == "tiny" else args.sam, checkpoint=str(tmp / "sam.pth"),
+                       architecture=arch if args.sam == "tiny" else None, batch_size=args.sam_batch,
                        precision=args.precision, attention=args.attention, compile=args.compile,
                        cache_slices=max(1, args.sam_batch))
     seg.set_tomogram(Tomogram("memory://bench/TS_bench", volume, 10.0))
@@ -196,7 +206,7 @@ def main() -> None:
     parser.add_argument("--dinov2", default="large", choices=[*DINOV2, "none"])
     parser.add_argument("--registers", type=int, default=REGISTERS, help="DINOv2 register tokens (0: none)")
     parser.add_argument("--image-size", type=int, default=518, help="DINOv2 input side")
-    parser.add_argument("--sam", default="vit_h", choices=["vit_h", "vit_l", "vit_b", "vit_tiny", "none"])
+    parser.add_argument("--sam", default="vit_h", choices=["vit_h", "vit_l", "vit_b", "tiny", "none"])
     parser.add_argument("--slices", type=int, default=256, help="slices per timed pass")
     parser.add_argument("--side", type=int, default=512, help="slice side in pixels")
     parser.add_argument("--dinov2-batch", type=int, default=64)

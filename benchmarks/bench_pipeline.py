@@ -4,7 +4,7 @@ architectures on one GPU (--gpu).
     python benchmarks/bench_pipeline.py [--n 4] [--shape 64 128 128] [--cpus 2] [--json FILE]
     python benchmarks/bench_pipeline.py --gpu [--shape 200 512 512] [--dinov2 large] [--sam vit_h]
         [--directions six] [--proposals 512] [--steps 10] [--json FILE]
-    python benchmarks/bench_pipeline.py --gpu --shape 16 64 64 --dinov2 tiny --sam vit_tiny --proposals 8 --steps 2
+    python benchmarks/bench_pipeline.py --gpu --shape 16 64 64 --dinov2 tiny --sam tiny --proposals 8 --steps 2
 
 Ray mode: synthesises a dataset (one ribosome prompt), then runs `cryosam run` on the same
 tomograms with the same weight-free backends: in process (no Ray), on Ray with one encoder and
@@ -106,7 +106,7 @@ def run_gpu(args) -> None:
     import torch
     from segment_anything.build_sam import _build_sam
 
-    from bench_encoders import dinov2_model
+    from bench_encoders import dinov2_model, sam_architecture
     from cryosam_ray.config import load_config
     from cryosam_ray.encoders import build_encoder
     from cryosam_ray.features import AxisMaps, FeatureVolume, encode_shard, slice_shape
@@ -116,7 +116,6 @@ def run_gpu(args) -> None:
     from cryosam_ray.stages.prompts import segment_prompts
     from cryosam_ray.stages.query import build_queries
     from cryosam_ray.segmenters import build_segmenter
-    from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES
     from cryosam_ray.synth import SynthSettings, synthesize
     from cryosam_ray.tables import Point
     from cryosam_ray.tomo_io import Tomogram
@@ -139,9 +138,12 @@ def run_gpu(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dinov2_model(args.dinov2, args.registers).save_pretrained(tmp / "dinov2")
-        torch.save(_build_sam(**SAM_ARCHITECTURES[args.sam], checkpoint=None).state_dict(), tmp / "sam.pth")
+        arch = sam_architecture(args.sam)
+        torch.save(_build_sam(**arch, checkpoint=None).state_dict(), tmp / "sam.pth")
+        custom = {"segmenter.sam.model_type": "custom", "segmenter.sam.architecture": dict(arch)} \
+            if args.sam == "tiny" else {"segmenter.sam.model_type": args.sam}
         cfg = load_config("paper", {
-            "segmenter.sam.model_type": args.sam, "segmenter.sam.checkpoint": str(tmp / "sam.pth"),
+            **custom, "segmenter.sam.checkpoint": str(tmp / "sam.pth"),
             "segmenter.sam.precision": args.precision, "segmenter.sam.compile": args.compile,
             "segmenter.sam.batch_size": args.sam_batch, "segmenter.sam.decode_batch": args.decode_batch,
             "segmenter.sam.cache_slices": sum(shape), "segmenter.sam.min_area": 1,
@@ -236,7 +238,7 @@ def main() -> None:
     parser.add_argument("--dinov2", default="large", help="--gpu: DINOv2 size (tiny, small, base, large)")
     parser.add_argument("--registers", type=int, default=4, help="--gpu: DINOv2 register tokens")
     parser.add_argument("--image-size", type=int, default=518, help="--gpu: DINOv2 input side")
-    parser.add_argument("--sam", default="vit_h", help="--gpu: SAM model type (vit_h, vit_l, vit_b, vit_tiny)")
+    parser.add_argument("--sam", default="vit_h", help="--gpu: SAM model type (vit_h, vit_l, vit_b, tiny)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="--gpu: torch.compile both encoders")
     parser.add_argument("--directions", default="six", choices=["six", "z"], help="--gpu: propagation directions")

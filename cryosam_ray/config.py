@@ -106,10 +106,22 @@ _PRECISION_DOC = ("auto: the fastest numerically safe choice, bf16 on a GPU with
                   "weights (half the memory; float16 overflows past 6.5e4, see the README).")
 
 
+class SamArchitectureConfig(_Section):
+    """A custom SAM image encoder (``model_type: custom``): a smaller or distilled ViT."""
+
+    encoder_embed_dim: int = Field(..., ge=1, description="Token width.")
+    encoder_depth: int = Field(..., ge=1, description="Transformer blocks.")
+    encoder_num_heads: int = Field(..., ge=1, description="Attention heads per block.")
+    encoder_global_attn_indexes: list[int] = Field(..., description="Blocks with global (not windowed) attention.")
+
+
 class SamSegmenterConfig(_Section):
     """SAM through segment-anything (see :class:`cryosam_ray.segmenters.sam.SamSegmenter`)."""
 
-    model_type: Literal["vit_h", "vit_l", "vit_b", "vit_tiny"] = Field("vit_h", description="Registry name.")
+    model_type: Literal["vit_h", "vit_l", "vit_b", "custom"] = Field(
+        "vit_h", description="Registry architecture, or custom with segmenter.sam.architecture.")
+    architecture: SamArchitectureConfig | None = Field(
+        None, description="With model_type custom: the image encoder's sizes (its checkpoint must match).")
     checkpoint: str | None = Field(None, description="Local path, s3:// or http(s):// URL of the checkpoint.")
     device: str | None = Field(None, description="cuda, cuda:N or cpu (None: cuda when available).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -133,6 +145,12 @@ class SamSegmenterConfig(_Section):
     multimask: bool = Field(True, description="Ask SAM for three candidates per prompt.")
     window_margin: int = Field(16, ge=0, description="Pixels kept around each mask's bounding box.")
 
+
+    @model_validator(mode="after")
+    def _custom_needs_architecture(self):
+        if (self.model_type == "custom") != (self.architecture is not None):
+            raise ValueError("segmenter.sam.architecture goes with model_type: custom (and only with it)")
+        return self
 
 class SegmenterConfig(_Section):
     """The promptable 2D segmenter, picked by name."""

@@ -19,7 +19,7 @@ from cryosam_ray.cli import main  # noqa: E402
 from cryosam_ray.synth import SynthSettings, write_dataset  # noqa: E402
 from cryosam_ray.tables import read_picks  # noqa: E402
 
-from tiny_models import save_tiny_dinov2, save_tiny_sam, write_blob_tomogram  # noqa: E402
+from tiny_models import TINY_SAM_FLAGS, save_tiny_dinov2, save_tiny_sam, write_blob_tomogram  # noqa: E402
 
 # F1 of the ribosome class, one prompt, two 64x128x128 tomograms at SNR 0.5, weight-free
 # backends on Ray; reached when written: 1.0 (17 of 17, no false pick), as in process.
@@ -198,7 +198,7 @@ def test_tiny_dinov2_and_sam_on_ray(cluster, tmp_path):
     sam, dinov2 = save_tiny_sam(tmp_path / "sam.pth"), save_tiny_dinov2(tmp_path / "dinov2")
     out = tmp_path / "out"
     code = _run(tmp_path / "TS_01.mrc", tmp_path / "prompts.csv", out,
-                "--set", "segmenter.backend=sam", "--set", "segmenter.sam.model_type=vit_tiny",
+                "--set", "segmenter.backend=sam", *TINY_SAM_FLAGS,
                 "--set", f"segmenter.sam.checkpoint={sam}", "--set", "segmenter.sam.min_area=0",
                 "--set", "segmenter.sam.min_pred_iou=-1", "--set", "propagation.directions=z",
                 "--set", "propagation.max_steps=2", "--set", "encoder.backend=dinov2",

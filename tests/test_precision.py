@@ -23,9 +23,10 @@ from segment_anything.modeling.common import LayerNorm2d
 
 from cryosam_ray.config import load_config
 from cryosam_ray.errors import ConfigError
-from cryosam_ray.segmenters.sam_build import build_sam
 from cryosam_ray.segmenters.sam_kernels import Fp32LayerNorm2d, patch_image_encoder
 from cryosam_ray.weights import native_bf16, resolve_precision
+
+from tiny_models import tiny_sam
 
 BF16_TOL = 0.02  # of the float32 output's range
 FP16_TOL = 0.01
@@ -93,7 +94,7 @@ def test_bf16_autocast_keeps_the_range():
 def hot_encoder():
     """A tiny SAM image encoder whose neck sees activations ~1e3 (the ViT-H failure on a small model)."""
     torch.manual_seed(0)
-    encoder = build_sam("vit_tiny", None).image_encoder
+    encoder = tiny_sam().image_encoder
     with torch.no_grad():
         encoder.neck[0].weight.mul_(3000.0)  # the 1x1 conv before the first LayerNorm2d
     x = torch.randn(1, 3, 1024, 1024)

@@ -15,7 +15,7 @@ from cryosam_ray.cli import main
 from cryosam_ray.tables import PICK_COLUMNS, read_picks
 from cryosam_ray.tomo_io import read_mrc
 
-from tiny_models import save_tiny_dinov2, save_tiny_sam, write_blob_tomogram
+from tiny_models import TINY_SAM_FLAGS, save_tiny_dinov2, save_tiny_sam, write_blob_tomogram
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     return root, save_tiny_sam(root / "sam_vit_tiny.pth"), save_tiny_dinov2(root / "dinov2_tiny")
 
 
-SAM_FLAGS = ["--set", "segmenter.backend=sam", "--set", "segmenter.sam.model_type=vit_tiny",
+SAM_FLAGS = ["--set", "segmenter.backend=sam", *TINY_SAM_FLAGS,
              "--set", "segmenter.sam.device=cpu", "--set", "segmenter.sam.min_area=0",
              "--set", "segmenter.sam.min_pred_iou=-1", "--set", "propagation.directions=z",
              "--set", "propagation.max_steps=2"]
@@ -82,7 +82,7 @@ def _bench_encoders():
     return module
 
 
-@pytest.mark.parametrize("dinov2, sam", [("large", "vit_h"), ("tiny", "vit_tiny")])
+@pytest.mark.parametrize("dinov2, sam", [("large", "vit_h"), ("tiny", "tiny")])
 def test_benchmark_flop_counts_match_torchs_counter(dinov2, sam):
     """The FLOP floor of bench_encoders.py: the architecture's count equals torch's FlopCounterMode
     over the real modules (meta tensors). DINOv2 ViT-L/14 at 518 px with 4 registers: 1374 tokens;

@@ -11,13 +11,15 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
 
 from cryosam_ray.embedding_store import EmbeddingStore
-from cryosam_ray.tomo_io import data_fingerprint
 from cryosam_ray.errors import ConfigError, PromptError, WeightsError
 from cryosam_ray.segmenters.base import PromptableSegmenter, SliceRequest
 from cryosam_ray.segmenters.sam import SamSegmenter, decode_masks
 from cryosam_ray.segmenters.sam_build import SAM_ARCHITECTURES, build_sam
 from cryosam_ray.segmenters.sam_kernels import Fp32LayerNorm2d, SdpaAttention, patch_image_encoder, rel_pos_bias
-from cryosam_ray.tomo_io import open_tomogram, write_mrc
+from cryosam_ray.tomo_io import data_fingerprint, open_tomogram, write_mrc
+
+from tiny_models import TINY_SAM
+from tiny_models import tiny_sam as build_tiny_sam
 
 LOW = 256  # SAM's low-res mask grid
 
@@ -25,7 +27,7 @@ LOW = 256  # SAM's low-res mask grid
 @pytest.fixture(scope="module")
 def tiny_sam():
     torch.manual_seed(0)
-    return build_sam("vit_tiny", None)
+    return build_tiny_sam()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def _count_encoder(seg: SamSegmenter, *, fake: bool = False) -> list[int]:
 
 def _seg(checkpoint, **kw) -> SamSegmenter:
     kw = {"min_area": 0, "min_pred_iou": -np.inf, **kw}
-    return SamSegmenter(model_type="vit_tiny", checkpoint=checkpoint, device="cpu", **kw)
+    return SamSegmenter(model_type="custom", architecture=TINY_SAM, checkpoint=checkpoint, device="cpu", **kw)
 
 
 # ---- building and loading ---------------------------------------------------------------------
@@ -89,7 +91,7 @@ def test_architectures_match_segment_anything(monkeypatch):
 
 
 def test_checkpoint_round_trip(tiny_sam, checkpoint):
-    loaded = build_sam("vit_tiny", checkpoint)
+    loaded = build_tiny_sam(checkpoint)
     expected = tiny_sam.state_dict()
     got = loaded.state_dict()
     assert got.keys() == expected.keys()
@@ -104,18 +106,18 @@ def test_wrong_model_type_names_file_and_guess(checkpoint):
     with pytest.raises(WeightsError) as info:
         build_sam("vit_b", checkpoint)
     assert info.value.source == checkpoint
-    assert "vit_b" in info.value.reason and "vit_tiny" in info.value.reason
+    assert "vit_b" in info.value.reason and "width 32, 2 blocks" in info.value.reason
 
 
 def test_not_a_checkpoint(tmp_path):
     garbage = tmp_path / "notes.pth"
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(WeightsError, match="notes.pth"):
-        build_sam("vit_tiny", str(garbage))
+        build_tiny_sam(str(garbage))
     tensor = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), tensor)
     with pytest.raises(WeightsError, match="state dict"):
-        build_sam("vit_tiny", str(tensor))
+        build_tiny_sam(str(tensor))
 
 
 def test_unknown_model_and_missing_checkpoint():
@@ -124,7 +126,7 @@ def test_unknown_model_and_missing_checkpoint():
     with pytest.raises(WeightsError, match="no checkpoint"):
         build_sam("vit_h", None)
     with pytest.raises(WeightsError, match="no such file"):
-        build_sam("vit_tiny", "/nonexistent/sam_vit_tiny.pth")
+        build_tiny_sam("/nonexistent/sam_vit_tiny.pth")
 
 
 # ---- the patched image encoder: SDPA attention, float32 LayerNorm2d ------------------------------
@@ -161,7 +163,7 @@ def test_sdpa_attention_equals_stock_attention_on_a_non_square_grid():
 
 
 def test_patched_encoder_equals_segment_anything(tiny_sam):
-    """vit_tiny's block 0 is windowed (14 x 14 windows over a padded 70 x 70 grid), block 1 global."""
+    """The tiny SAM's block 0 is windowed (14 x 14 windows over a padded 70 x 70 grid), block 1 global."""
     stock = _with_rel_pos(copy.deepcopy(tiny_sam.image_encoder))
     patched = patch_image_encoder(copy.deepcopy(stock))
     assert [type(b.attn) for b in patched.blocks] == [SdpaAttention, SdpaAttention]
@@ -346,7 +348,7 @@ def test_embedding_store_reused_across_instances_local(checkpoint, tomogram, tmp
     # Other weights: another signature, so another folder.
     torch.manual_seed(1)
     other = tmp_path / "other.pth"
-    torch.save(build_sam("vit_tiny", None).state_dict(), other)
+    torch.save(build_tiny_sam().state_dict(), other)
     seg = _seg(str(other), embedding_store=store_url)
     seg.set_tomogram(tomogram)
     assert seg.store.url != first.store.url
@@ -486,7 +488,7 @@ def test_candidate_selection_filters_and_mask_input(checkpoint, long_tomogram):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_default_precision_encoder(checkpoint, tomogram):
-    seg = SamSegmenter(model_type="vit_tiny", checkpoint=checkpoint, min_area=0, min_pred_iou=-np.inf)
+    seg = SamSegmenter(model_type="custom", architecture=TINY_SAM, checkpoint=checkpoint, min_area=0, min_pred_iou=-np.inf)
     assert seg.device.type == "cuda"
     assert seg.precision.name == ("bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp32")
     assert next(seg.sam.image_encoder.parameters()).dtype == torch.float32  # autocast, not cast weights

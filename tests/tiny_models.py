@@ -24,10 +24,23 @@ def write_blob_tomogram(path: Path) -> str:
     return write_mrc(path, volume, 12.0)
 
 
+# SAM's architecture (real prompt encoder and mask decoder, 1024 input) with a 2-block, 32-wide
+# image encoder: ``model_type: custom`` with this ``architecture``.
+TINY_SAM = dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
+TINY_SAM_FLAGS = ["--set", "segmenter.sam.model_type=custom", "--set",
+                  "segmenter.sam.architecture={encoder_embed_dim: 32, encoder_depth: 2, encoder_num_heads: 2, "
+                  "encoder_global_attn_indexes: [1]}"]
+
+
+def tiny_sam(checkpoint: str | None = None):
+    """The tiny SAM, random (no checkpoint) or loaded through ``build_sam``."""
+    return build_sam("custom", checkpoint, architecture=TINY_SAM)
+
+
 def save_tiny_sam(path: Path, seed: int = 0) -> str:
-    """A ``vit_tiny`` SAM checkpoint (state dict, as the official .pth files)."""
+    """A tiny SAM checkpoint (state dict, as the official .pth files)."""
     torch.manual_seed(seed)
-    torch.save(build_sam("vit_tiny", None).state_dict(), path)
+    torch.save(tiny_sam().state_dict(), path)
     return str(path)
 
 

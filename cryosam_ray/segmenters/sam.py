@@ -113,7 +113,8 @@ class SamSegmenter:
     """SAM behind the :class:`~cryosam_ray.segmenters.base.PromptableSegmenter` protocol.
 
     Args:
-        model_type: "vit_h", "vit_l", "vit_b" (or "vit_tiny" for tests).
+        model_type: "vit_h", "vit_l", "vit_b", or "custom" with ``architecture`` (see
+            :func:`~cryosam_ray.segmenters.sam_build.build_sam`).
         checkpoint: local path, s3:// or http(s):// URL of the weights.
         device: "cuda", "cuda:N" or "cpu"; None: cuda when available.
         precision: the image encoder's: "auto" (bf16 autocast on a GPU with native bfloat16,
@@ -140,8 +141,8 @@ class SamSegmenter:
 
     name = "sam"
 
-    def __init__(self, *, model_type: str = "vit_h", checkpoint: str | None = None, device: str | None = None,
-                 precision: str = "auto", attention: str = "sdpa", compile: bool = False,
+    def __init__(self, *, model_type: str = "vit_h", checkpoint: str | None = None, architecture: dict | None = None,
+                 device: str | None = None, precision: str = "auto", attention: str = "sdpa", compile: bool = False,
                  batch_size: int = 8, embedding_store: str | None = None, cache_dir: str | None = None,
                  min_area: int = 16, max_area: int | None = None, min_pred_iou: float = 0.0,
                  mask_input: str = "logits", multimask: bool = True, window_margin: int = 16,
@@ -162,7 +163,8 @@ class SamSegmenter:
         self.precision = resolve_precision(precision, self.device, setting="segmenter.sam.precision")
         self.attention, self.compile = attention, bool(compile)
         path = None if checkpoint is None else resolve_weights(checkpoint, cache_dir=cache_dir)
-        self.sam = build_sam(model_type, None if path is None else str(path), device=self.device)
+        self.sam = build_sam(model_type, None if path is None else str(path), architecture=architecture,
+                             device=self.device)
         self.sam.float()
         weights_id = file_fingerprint(path) if path is not None else _parameters_digest(self.sam)
         patch_image_encoder(self.sam.image_encoder, attention=attention).to(self.precision.weights)

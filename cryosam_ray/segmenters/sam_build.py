@@ -25,22 +25,22 @@ SAM_ARCHITECTURES: dict[str, dict] = {
                   encoder_global_attn_indexes=(5, 11, 17, 23)),
     "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
                   encoder_global_attn_indexes=(2, 5, 8, 11)),
-    # Tests only: SAM's architecture (real prompt encoder and mask decoder, 1024 input) with a
-    # 2-block, 32-wide image encoder; built with random weights when no checkpoint is given.
-    "vit_tiny": dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)),
 }
 # segment_anything's _build_sam registers these as non-persistent buffers (absent from checkpoints).
 _PIXEL_MEAN, _PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
-def build_sam(model_type: str, checkpoint: str | None, *, device: str | torch.device = "cpu",
-              cache_dir: str | None = None):
+def build_sam(model_type: str, checkpoint: str | None, *, architecture: dict | None = None,
+              device: str | torch.device = "cpu", cache_dir: str | None = None):
     """A ``segment_anything.modeling.Sam`` of ``model_type`` with the weights of ``checkpoint``.
 
     Args:
-        model_type: a key of :data:`SAM_ARCHITECTURES` ("vit_h", "vit_l", "vit_b", "vit_tiny").
+        model_type: a key of :data:`SAM_ARCHITECTURES` ("vit_h", "vit_l", "vit_b"), or "custom"
+            with ``architecture`` (a smaller or distilled image encoder).
         checkpoint: local path, ``s3://`` or ``http(s)://`` URL of a state dict saved with
-            ``torch.save``; None only for "vit_tiny" (random weights, for tests).
+            ``torch.save``; None only for "custom" (random weights: small models for tests).
+        architecture: with "custom": ``encoder_embed_dim``, ``encoder_depth``, ``encoder_num_heads``,
+            ``encoder_global_attn_indexes`` (SAM's prompt encoder and mask decoder are kept).
         device: where the model goes.
         cache_dir: where remote checkpoints are kept (see :func:`~cryosam_ray.weights.resolve_weights`).
 
@@ -54,12 +54,18 @@ def build_sam(model_type: str, checkpoint: str | None, *, device: str | torch.de
     """
     from segment_anything.build_sam import _build_sam
 
-    if model_type not in SAM_ARCHITECTURES:
+    if model_type == "custom":
+        if not architecture:
+            raise WeightsError(str(checkpoint or model_type), "model_type 'custom' needs an architecture "
+                               "(encoder_embed_dim, encoder_depth, encoder_num_heads, encoder_global_attn_indexes)")
+        arch = {**architecture, "encoder_global_attn_indexes": tuple(architecture["encoder_global_attn_indexes"])}
+    elif model_type not in SAM_ARCHITECTURES:
         raise WeightsError(str(checkpoint or model_type), f"unknown SAM model_type {model_type!r}; expected one of "
-                           f"{', '.join(SAM_ARCHITECTURES)}")
-    arch = SAM_ARCHITECTURES[model_type]
+                           f"{', '.join(SAM_ARCHITECTURES)} or custom")
+    else:
+        arch = SAM_ARCHITECTURES[model_type]
     if checkpoint is None:
-        if model_type != "vit_tiny":
+        if model_type != "custom":
             raise WeightsError(model_type, "no checkpoint given; SAM needs weights: pass a local path, s3:// or "
                                "http(s):// URL of the official checkpoint (e.g. sam_vit_h_4b8939.pth)")
         return _build_sam(**arch, checkpoint=None).eval().to(device)
