@@ -27,7 +27,8 @@ import pyarrow as pa
 from cryosam_ray.errors import CryoSamError
 from cryosam_ray.previews import class_colours, render_preview, write_preview
 from cryosam_ray.report_charts import hex_colour, histogram_svg, pr_curve_svg
-from cryosam_ray.tables import read_picks, write_bytes_atomic
+from cryosam_ray.storage import filesystem, join, write_bytes_atomic
+from cryosam_ray.tables import read_picks
 from cryosam_ray.tomo_io import open_tomogram
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,12 @@ def load_run(out_dir: str, *, storage_options: dict | None = None) -> RunData:
         CryoSamError: neither a run manifest nor a picks table in ``out_dir``.
     """
     base = str(out_dir).rstrip("/")
-    fs, root = fsspec.core.url_to_fs(base, **(storage_options or {}))
-    manifest = _read_json(fs, f"{root}/run.json")
+    fs, root = filesystem(base, storage_options)
+    manifest = _read_json(fs, join(root, "run.json"))
     picks = None
     for name in ("picks.parquet", "picks.csv"):
-        if fs.exists(f"{root}/{name}"):
-            picks = read_picks(f"{base}/{name}")
+        if fs.exists(join(root, name)):
+            picks = read_picks(join(base, name))
             break
     if manifest is None and picks is None:
         raise CryoSamError(f"{base}: no run.json and no picks.parquet / picks.csv; is this a cryosam output folder?")
@@ -96,7 +97,7 @@ def load_run(out_dir: str, *, storage_options: dict | None = None) -> RunData:
             name=name, url=str(rec.get("url") or ""), status=str(rec.get("status") or "done"),
             error=str(rec.get("error") or ""), picks=int(rec.get("picks") or names.count(name)),
             proposals={str(k): int(v) for k, v in (rec.get("proposals") or {}).items()},
-            previews=[f"{base}/previews/{name}.png"]))
+            previews=[join(base, "previews", f"{name}.png")]))
     return RunData(out_dir=base, classes=[str(c) for c in manifest.get("classes", [])], tomograms=tomograms,
                    picks=picks, times_s={str(k): float(v) for k, v in (manifest.get("times_s") or {}).items()},
                    executor=str(manifest.get("executor") or ""), versions=dict(manifest.get("versions") or {}),
@@ -175,7 +176,7 @@ def write_report(out_dir: str, *, evaluation: dict | str | None = None, truth: p
     if truth is not None:
         _truth_previews(run, truth, storage_options)
     page = render_html(run, ev, truth, title=title, storage_options=storage_options)
-    url = write_bytes_atomic(f"{run.out_dir}/{REPORT_NAME}", page.encode("utf-8"))
+    url = write_bytes_atomic(join(run.out_dir, REPORT_NAME), page.encode("utf-8"), storage_options=storage_options)
     log.info("wrote %s", url)
     return url
 
@@ -188,8 +189,8 @@ def _truth_previews(run: RunData, truth: pa.Table, storage_options: dict | None)
             continue
         try:
             tomo = open_tomogram(entry.url, storage_options=storage_options)
-            mask_url = f"{run.out_dir}/masks/{entry.name}_instances.mrc"
-            fs, mask_path = fsspec.core.url_to_fs(mask_url, **(storage_options or {}))
+            mask_url = join(run.out_dir, "masks", f"{entry.name}_instances.mrc")
+            fs, mask_path = filesystem(mask_url, storage_options)
             labels = open_tomogram(mask_url, storage_options=storage_options) if fs.exists(mask_path) else None
             mine = [r for r in pick_rows if r["tomogram"] == entry.name]
             image = render_preview(tomo, mine, labels, classes=_classes(run, truth), truth=truth_rows,
@@ -197,7 +198,7 @@ def _truth_previews(run: RunData, truth: pa.Table, storage_options: dict | None)
         except (CryoSamError, OSError) as exc:
             log.warning("%s: no preview with truth: %s", entry.name, exc)
             continue
-        url = f"{run.out_dir}/previews/{entry.name}_truth.png"
+        url = join(run.out_dir, "previews", f"{entry.name}_truth.png")
         entry.previews.insert(0, write_preview(url, image, storage_options=storage_options))
 
 

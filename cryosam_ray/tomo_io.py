@@ -30,7 +30,7 @@ from cryosam_ray.errors import (
     NotAVolumeError,
     TomogramNotFoundError,
 )
-from cryosam_ray.storage import fingerprint, is_remote, write_file_atomic
+from cryosam_ray.storage import fingerprint, is_remote, join, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
 def _looks_like_zarr(fs, path: str) -> bool:
     if path.rstrip("/").lower().endswith(ZARR_SUFFIXES):
         return True
-    return fs.isdir(path) and any(fs.exists(f"{path.rstrip('/')}/{m}") for m in (".zarray", ".zgroup", "zarr.json"))
+    return fs.isdir(path) and any(fs.exists(join(path, m)) for m in (".zarray", ".zgroup", "zarr.json"))
 
 
 def _open_mrc(url: str, fs, path: str):

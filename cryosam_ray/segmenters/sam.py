@@ -208,7 +208,8 @@ class SamSegmenter:
                 self.store = EmbeddingStore(self.embedding_store, sig, volume_shape=tomogram.shape,
                                             embedding_shape=self.embedding_shape,
                                             description={"data": data_id, "model": self._model_id,
-                                                         "preprocessing": self._preprocessing_id()})
+                                                         "preprocessing": self._preprocessing_id()},
+                                            storage_options=getattr(tomogram, "storage_options", None))
                 log.info("%s: embedding store %s", tomogram.name, self.store.url)
         self._tomogram, self._data_id = tomogram, data_id
 
