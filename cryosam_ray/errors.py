@@ -23,6 +23,11 @@ class _SourceError(CryoSamError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):
+        # Pickled by its two parts, so that it crosses process boundaries (Ray workers) intact;
+        # the default would call __init__ with the joined message alone.
+        return type(self), (self.path, self.reason)
+
 
 class TomogramError(_SourceError):
     """A tomogram cannot be used. ``path`` names the file; the message says why."""

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -203,11 +204,39 @@ def write_record(out_dir: str, record: TomogramRecord, storage_options: dict | N
                               storage_options=storage_options)
 
 
+def check_output(out_dir: str, storage_options: dict | None = None) -> None:
+    """Refuse an output folder that cannot hold the run's outputs, before any work starts."""
+    fs, path = filesystem(out_dir, storage_options)
+    if path.rstrip("/").lower().endswith((".parquet", ".csv", ".star", ".json", ".mrc")):
+        raise PlanError(f"--out {out_dir}: expected a folder (the run writes picks.parquet, masks/ ... inside it), "
+                        f"got a file name")
+    if is_remote(out_dir):
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.exists(bucket)
+        except (OSError, ValueError) as exc:  # endpoint unreachable, credentials refused
+            raise PlanError(f"--out {out_dir}: cannot reach bucket {bucket!r}: {exc}") from exc
+        if not found:
+            raise PlanError(f"--out {out_dir}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+        return
+    if fs.exists(path) and not fs.isdir(path):
+        raise PlanError(f"--out {out_dir}: is an existing file; expected a folder")
+    probe = join(path, f".cryosam-write-test-{os.getpid()}")
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise PlanError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from exc
+
+
 def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *, incremental: bool = False,
               fail_fast: bool = False) -> Plan:
     """Open the inputs' headers, read the prompts, and decide what is left to do (see the module doc)."""
     out_dir = str(out_dir).rstrip("/")
     options = cfg.io.storage_options
+    check_output(out_dir, options)
     tomograms, records = {}, {}
     for url in expand_tomograms(specs, options):
         try:
@@ -239,6 +268,16 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
     return Plan(out_dir, prompts_path, tomograms, by_tomo, records, todo, query_only, sorted(new), incremental)
 
 
+def no_query_error(plan: Plan, failures: dict[str, str]) -> PromptError:
+    """Why a run has no class query, naming the cause (failed prompt tomograms, or empty masks)."""
+    if failures:
+        causes = "; ".join(f"{name}: {error}" for name, error in sorted(failures.items())[:5])
+        return PromptError(f"{plan.prompts_path}: no class query to match, because every tomogram holding prompts "
+                           f"failed ({causes})")
+    return PromptError(f"{plan.prompts_path}: no prompt gave a particle mask (prompts outside the volume, or on "
+                       f"background?), so there is no class query to match")
+
+
 def write_run_outputs(plan: Plan, records: dict[str, TomogramRecord], times: dict[str, float], cfg: CryoSamConfig,
                       classes: list[str], *, extra: dict | None = None) -> RunSummary:
     """picks.parquet / picks.csv / picks.star of every tomogram of the run, and ``run.json``."""
@@ -247,6 +286,9 @@ def write_run_outputs(plan: Plan, records: dict[str, TomogramRecord], times: dic
     options = cfg.io.storage_options
     files = write_picks(table, plan.out_dir)
     files.append(write_star(table, join(plan.out_dir, "picks.star")))
+    lost = sorted({p.cls for ps in plan.points.values() for p in ps} - set(classes)) if plan.todo else []
+    for cls in lost:
+        log.warning("class %s: none of its prompts gave a particle mask, so it was not searched for", cls)
     sets = {"new": plan.new, "done": [], "skipped": [], "failed": []}
     for record in ordered:
         sets.setdefault(record.status, []).append(record.name)
@@ -256,6 +298,7 @@ def write_run_outputs(plan: Plan, records: dict[str, TomogramRecord], times: dic
         **(extra or {}),
         "incremental": plan.incremental,
         "classes": classes,
+        "classes_without_mask": lost,
         "times_s": {k: round(v, 3) for k, v in sorted(times.items())},
         "counts": {"tomograms": len(ordered), "done": len(sets["done"]), "skipped": len(sets["skipped"]),
                    "failed": len(sets["failed"]), "picks": table.num_rows},

@@ -79,11 +79,18 @@ def write_file_atomic(url: str, write: Callable[[str], None], *, storage_options
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: colleagues on a shared disk could not read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return url
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set back at once
+    os.umask(mask)
+    return mask
 
 
 def _write_local(path: str, data: bytes) -> None:

@@ -226,6 +226,9 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
         array, header_voxel = _open_zarr(url, fs, path)
     else:
         array, header_voxel = _open_mrc(url, fs, path)
+    if np.dtype(array.dtype).kind not in "iuf":
+        raise NotAVolumeError(url, f"voxels are {np.dtype(array.dtype)}; expected real numbers (integer or float "
+                              "density). A complex map (MRC mode 3 or 4) is a Fourier transform, not a tomogram")
     if len(array.shape) != 3 or min(array.shape) < 2:
         raise NotAVolumeError(url, f"expected a 3D volume (D, H, W) with every side >= 2, got shape "
                               f"{tuple(array.shape)}; a 2D image or single section cannot be segmented in 3D")

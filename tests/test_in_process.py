@@ -117,3 +117,28 @@ def test_tomogram_specs_expand_folders_and_globs(dataset):
     assert [u.rsplit("/", 1)[-1] for u in expand_tomograms([str(data / "synth_00?.mrc")])] == \
         ["synth_000.mrc", "synth_001.mrc"]
     assert expand_tomograms([str(data / "missing.mrc")]) == [str(data / "missing.mrc")]
+
+
+def test_no_query_names_the_failed_prompt_tomogram(tmp_path, capsys):
+    from cryosam_ray.tomo_io import write_mrc
+
+    volume = np.ones((16, 20, 24), np.float32)
+    volume[3, 4, 5] = np.nan
+    write_mrc(tmp_path / "TS_nan.mrc", volume, 10.0)
+    (tmp_path / "prompts.csv").write_text("tomogram,z,y,x\nTS_nan,8,10,12\n")
+    code = main(["run", "--tomograms", str(tmp_path / "TS_nan.mrc"), "--prompts", str(tmp_path / "prompts.csv"),
+                 "--out", str(tmp_path / "out"), "--address", "none", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "every tomogram holding prompts failed" in err and "is nan" in err, err
+
+
+def test_a_class_whose_prompts_give_no_mask_is_reported(dataset, tmp_path):
+    _, data, prompts = dataset
+    with_lost = tmp_path / "prompts.csv"
+    name = prompts.read_text().splitlines()[1].split(",")[0]
+    with_lost.write_text(prompts.read_text() + f"{name},0,0,0,ghost\n")  # the corner: too little context
+    out = tmp_path / "out"
+    main(["run", "--tomograms", str(data / f"{name}.mrc"), "--prompts", str(with_lost), "--out", str(out),
+          "--address", "none", "--no-progress"])
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["classes_without_mask"] == ["ghost"] and manifest["classes"] == ["ribosome"]

@@ -74,3 +74,30 @@ def test_prompts_naming_no_tomogram_of_the_run(tmp_path):
     prompts.write_text("tomogram,z,y,x\nTS_09,4,6,8\n")
     with pytest.raises(PromptError, match="TS_09"):
         make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda t: t / "picks.parquet", "expected a folder"),
+    (lambda t: (t / "file").write_text("x") and t / "file", "existing file"),
+])
+def test_unusable_output_folders_are_refused_before_any_work(tmp_path, make, expected):
+    from cryosam_ray.plan import check_output
+
+    with pytest.raises(PlanError, match=expected):
+        check_output(str(make(tmp_path)))
+
+
+def test_an_unwritable_output_folder_is_refused(tmp_path):
+    from cryosam_ray.plan import check_output
+
+    (tmp_path / "file").write_text("x")  # a folder cannot be made below a file, even by root
+    with pytest.raises(PlanError, match="cannot write"):
+        check_output(str(tmp_path / "file" / "out"))
+
+
+def test_a_missing_output_bucket_is_named(s3_bucket):
+    from cryosam_ray.plan import check_output
+
+    check_output(f"{s3_bucket}/run")  # exists: fine
+    with pytest.raises(PlanError, match="no-such-bucket-cryosam"):
+        check_output("s3://no-such-bucket-cryosam/run")

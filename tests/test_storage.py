@@ -63,3 +63,12 @@ def test_done_flags_persist_and_reset(tmp_path):
     np.testing.assert_array_equal(reopened.get([1, 2]), [True, False])
     assert reopened.get([]).shape == (0,)
     assert not DoneFlags.create(group, "done0", 5, reset=True).all().any()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(str(tmp_path / "picks.csv"), b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "picks.csv").stat().st_mode & 0o777 == 0o644  # group and others may read

@@ -182,3 +182,16 @@ def test_all_input_errors_share_a_base_class():
     for cls in (TomogramNotFoundError, NotAnMrcError, NotAVolumeError, BadVoxelDataError, BadVoxelSizeError):
         assert issubclass(cls, TomogramError)
         assert "x.mrc" in str(cls("x.mrc", "why"))
+
+
+def test_a_complex_map_is_refused(tmp_path):
+    import mrcfile
+
+    from cryosam_ray.errors import NotAVolumeError
+
+    path = tmp_path / "fft.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.zeros((4, 5, 6), np.complex64))
+        mrc.voxel_size = 2.0
+    with pytest.raises(NotAVolumeError, match="complex64"):
+        open_tomogram(path)

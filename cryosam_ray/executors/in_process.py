@@ -12,12 +12,13 @@ import logging
 import time
 
 from cryosam_ray.config import CryoSamConfig
-from cryosam_ray.errors import CryoSamError, PromptError
+from cryosam_ray.errors import CryoSamError
 from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, TomogramHeader, embedding_shards,
                              finish_tomogram, match_tomogram, open_feature_group, precomputes_embeddings,
                              prompt_query_parts, tomogram_header)
 from cryosam_ray.particle import Particle
-from cryosam_ray.plan import Plan, RunSummary, StageTimes, make_plan, write_record, write_run_outputs
+from cryosam_ray.plan import (Plan, RunSummary, StageTimes, make_plan, no_query_error, write_record,
+                              write_run_outputs)
 from cryosam_ray.progress import Progress
 from cryosam_ray.stages.query import combine_queries
 
@@ -47,6 +48,7 @@ class _Run:
         self.records = dict(plan.records)
         self.headers: dict[str, TomogramHeader] = {}
         self.groups: dict[str, str] = {}
+        self.failures: dict[str, str] = {}
         self.store = plan.feature_store(cfg)
 
     def run(self) -> list[str]:
@@ -69,8 +71,7 @@ class _Run:
                 self._fail(name, exc)
         queries = combine_queries(parts)
         if not queries:
-            raise PromptError(f"{self.plan.prompts_path}: no prompt gave a particle mask, so there is no query "
-                              f"to match")
+            raise no_query_error(self.plan, self.failures)
         classes = sorted(queries)
         for name in self.plan.todo:
             if self.records[name].status == "failed":
@@ -118,6 +119,7 @@ class _Run:
 
     def _fail(self, name: str, exc: CryoSamError) -> None:
         log.error("%s failed: %s", name, exc)
+        self.failures[name] = str(exc)
         if self.fail_fast:
             raise exc
         if name not in self.plan.query_only:  # a tomogram done before keeps its record: only its prompts were lost

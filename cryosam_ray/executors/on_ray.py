@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 import ray
 
 from cryosam_ray.config import CryoSamConfig, PoolConfig
-from cryosam_ray.errors import CryoSamError, PromptError
+from cryosam_ray.errors import CryoSamError
 from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, Shard, TomogramHeader, embedding_shards,
                              finish_tomogram, match_tomogram, open_feature_group, pinned, precomputes_embeddings,
                              prompt_query_parts, tomogram_header)
 from cryosam_ray.particle import ClassQuery
-from cryosam_ray.plan import Plan, RunSummary, TomogramRecord, make_plan, write_record, write_run_outputs
+from cryosam_ray.plan import (Plan, RunSummary, TomogramRecord, make_plan, no_query_error, write_record,
+                              write_run_outputs)
 from cryosam_ray.progress import Progress
 from cryosam_ray.stages.query import combine_queries
 from cryosam_ray.tables import Point
@@ -155,6 +156,7 @@ class _Tomo:
     proposals_ref: object = None  # a match result waiting for the SAM embeddings
     proposals: dict[str, int] = field(default_factory=dict)
     closed: bool = False  # finished, failed, or (query_only) its parts are in
+    error: str = ""  # why it failed
 
     @property
     def encoded(self) -> bool:
@@ -311,8 +313,7 @@ class _RayRun:
         """Combine the queries once every prompt tomogram's parts are in (or it failed)."""
         if self.queries is None and not self.waiting_parts:
             if not self.parts:
-                raise PromptError(f"{self.plan.prompts_path}: no prompt gave a particle mask, so there is no "
-                                  f"query to match")
+                raise no_query_error(self.plan, {t.name: t.error for t in self.tomos.values() if t.error})
             self.queries = combine_queries(self.parts)
             for t in self.tomos.values():
                 self._advance(t)
@@ -321,6 +322,7 @@ class _RayRun:
         cause = getattr(exc, "cause", None) or exc
         message = str(cause) if isinstance(cause, CryoSamError) else f"{type(cause).__name__}: {cause}"
         log.error("%s failed: %s", t.name, message)
+        t.error = message
         if self.fail_fast:
             raise cause if isinstance(cause, Exception) else exc
         self._close(t)
