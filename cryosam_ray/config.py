@@ -9,6 +9,7 @@ Overrides use dotted keys: ``{"synth.snr": 0.5}`` or, on the command line, ``--s
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -319,6 +320,13 @@ class RayConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor.")
     max_retries: int = Field(3, ge=0, description="Retries of a task or actor call lost to a crash.")
 
+    @field_validator("address")
+    @classmethod
+    def _known_address(cls, value: str) -> str:
+        if value in ("local", "auto", "none") or re.fullmatch(r"(ray://)?[\w.\-]+:\d+", value):
+            return value
+        raise ValueError(f"{value!r}: expected local, auto, none, HOST:PORT (the head's GCS) or ray://HOST:PORT")
+
 
 class CryoSamConfig(_Section):
     """The whole job configuration."""
@@ -369,7 +377,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, for example synth.snr=0.5")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote "
+                          f"strings with brackets or colons") from exc
 
 
 def _resolve_config_path(path: str | os.PathLike) -> Path:

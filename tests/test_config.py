@@ -63,3 +63,14 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_config_dir_is_the_repository_configs():
     assert CONFIG_DIR == Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_bad_override_values_are_config_errors():
+    from cryosam_ray.config import load_config, parse_override
+    from cryosam_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_override("matching.top_k=[")
+    with pytest.raises(ConfigError, match="garbage"):
+        load_config(None, {"ray.address": "garbage"})
+    assert load_config(None, {"ray.address": "10.0.0.1:6379"}).ray.address == "10.0.0.1:6379"
