@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cryosam_ray import __version__
 from cryosam_ray.config import CryoSamConfig, load_config, parse_override
-from cryosam_ray.errors import CryoSamError
+from cryosam_ray.errors import CryoSamError, RunInterrupted
 
 log = logging.getLogger("cryosam_ray")
 
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--incremental", action="store_true", help="process only tomograms without finished outputs "
                      "in --out (nightly runs over a growing folder); run.json lists new, done, skipped, failed")
     run.add_argument("--voxel-size", type=float, help="voxel size in Angstrom instead of the headers'")
+    run.add_argument("--wait-for-lock", action="store_true", help="when another run holds --out, wait for it "
+                     "to end instead of refusing (its lease: DIR/.cryosam.lock)")
     _config_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -190,12 +194,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from cryosam_ray.executors.in_process import run_in_process
 
         summary = run_in_process(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
-                                 incremental=args.incremental, progress=not args.no_progress)
+                                 incremental=args.incremental, progress=not args.no_progress,
+                                 wait_for_lock=args.wait_for_lock)
     else:
         from cryosam_ray.executors.on_ray import run_on_ray
 
         summary = run_on_ray(args.tomograms, args.prompts, args.out, cfg, fail_fast=args.fail_fast,
-                             progress=not args.no_progress, incremental=args.incremental)
+                             progress=not args.no_progress, incremental=args.incremental,
+                             wait_for_lock=args.wait_for_lock)
     from cryosam_ray.report import write_report
 
     for record in summary.records:
@@ -267,11 +273,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _stop_on_sigterm()
     try:
         return args.func(args)
     except CryoSamError as exc:
         print(f"cryosam {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"cryosam {args.command}: stopped by {signal.Signals(signum).name}; what was finished is written "
+              f"(a rerun resumes from it)", file=sys.stderr)
+        return 128 + int(signum)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a cancelled Kubernetes pod or Ray job) stops the run as Ctrl-C does."""
+    def stop(signum, frame):
+        raise RunInterrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,16 @@ class _Section(BaseModel):
 
 
 class IOConfig(_Section):
-    """How tomograms are read."""
+    """How tomograms are read and outputs written."""
 
     voxel_size_a: float | None = Field(
         None, gt=0, description="Voxel size in Angstrom used instead of the file headers' (None: from headers).")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for remote URLs (s3://): key, secret, endpoint_url ...; "
         "by default credentials and endpoint come from the standard AWS environment.")
+    lease_ttl_s: float = Field(
+        120.0, ge=5, description="Seconds a run's lease on its output folder lasts unless renewed (renewed every "
+        "third of it while the run lives; a killed run's lease expires after this).")
 
 
 class SynthConfig(_Section):

@@ -67,3 +67,18 @@ class WeightsError(_SourceError):
 
 class PromptError(CryoSamError, ValueError):
     """A prompt cannot be used on its tomogram (outside the volume, unknown tomogram ...)."""
+
+
+class RunInterrupted(Exception):
+    """The run was asked to stop (SIGTERM: Kubernetes or the Jobs API cancelling it).
+
+    Not a CryoSamError: like Ctrl-C (KeyboardInterrupt) it ends the run, it is not one
+    tomogram's failure. The exit code is 128 + the signal's number.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by signal {signum}")
+
+    def __reduce__(self):
+        return type(self), (self.signum,)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.errors import CryoSamError, PromptError
+from cryosam_ray.lease import OutputLease
 from cryosam_ray.particle import Pick
 from cryosam_ray.storage import filesystem, fingerprint, is_remote, join, read_bytes, write_bytes_atomic
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks, write_star
@@ -231,12 +232,17 @@ def check_output(out_dir: str, storage_options: dict | None = None) -> None:
         raise PlanError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from exc
 
 
+def claim_output(out_dir: str, cfg: CryoSamConfig, *, wait: bool = False) -> OutputLease:
+    """Check the output folder, then its lease for this run (a context manager around the run)."""
+    check_output(out_dir, cfg.io.storage_options)
+    return OutputLease(out_dir, ttl_s=cfg.io.lease_ttl_s, wait=wait, storage_options=cfg.io.storage_options)
+
+
 def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *, incremental: bool = False,
               fail_fast: bool = False) -> Plan:
     """Open the inputs' headers, read the prompts, and decide what is left to do (see the module doc)."""
     out_dir = str(out_dir).rstrip("/")
     options = cfg.io.storage_options
-    check_output(out_dir, options)
     tomograms, records = {}, {}
     for url in expand_tomograms(specs, options):
         try:
@@ -276,6 +282,13 @@ def no_query_error(plan: Plan, failures: dict[str, str]) -> PromptError:
                            f"failed ({causes})")
     return PromptError(f"{plan.prompts_path}: no prompt gave a particle mask (prompts outside the volume, or on "
                        f"background?), so there is no class query to match")
+
+
+def interruption(exc: BaseException) -> str:
+    """What stopped a run, for run.json: SIGINT (Ctrl-C) or the signal's name."""
+    import signal
+
+    return signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
 
 
 def write_run_outputs(plan: Plan, records: dict[str, TomogramRecord], times: dict[str, float], cfg: CryoSamConfig,

@@ -142,3 +142,35 @@ def test_a_class_whose_prompts_give_no_mask_is_reported(dataset, tmp_path):
           "--address", "none", "--no-progress"])
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["classes_without_mask"] == ["ghost"] and manifest["classes"] == ["ribosome"]
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_an_interrupted_run_stops_writes_what_is_done_and_resumes(dataset, tmp_path, signum, code):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, data, prompts = dataset
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cryosam_ray.cli", "run", "--tomograms", str(data / "synth_000.mrc"),
+               str(data / "synth_001.mrc"), "--prompts", str(prompts), "--out", str(out), "--address", "none",
+               "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "features").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 10 and proc.returncode == code, err
+    assert f"stopped by {signal.Signals(signum).name}" in err
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["interrupted"] == signal.Signals(signum).name
+    assert not (out / ".cryosam.lock").exists()  # the lease is given back
+    assert main(["run", "--tomograms", str(data / "synth_000.mrc"), str(data / "synth_001.mrc"), "--prompts",
+                 str(prompts), "--out", str(out), "--address", "none", "--no-progress"]) == 0
+    assert json.loads((out / "run.json").read_text())["counts"]["done"] + \
+        json.loads((out / "run.json").read_text())["counts"]["skipped"] == 2

@@ -245,3 +245,39 @@ def test_incremental_runs_over_a_growing_folder(cluster, dataset, tmp_path):
     assert manifest["incremental"] is True
     picks = read_picks(str(out / "picks.parquet"))
     assert set(picks.column("tomogram").to_pylist()) == {"synth_000", "synth_001"}
+
+
+def _ray_processes() -> set[int]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:]
+            if any(name in line for name in ("raylet", "gcs_server", "ray::", "default_worker.py"))}
+
+
+def test_ctrl_c_stops_a_ray_run_and_leaves_no_ray_of_ours(cluster, dataset, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root, data = dataset
+    out = tmp_path / "out"
+    before = _ray_processes()
+    command = [sys.executable, "-m", "cryosam_ray.cli", "run", "--tomograms", str(data / "synth_000.mrc"),
+               "--prompts", str(root / "prompts.csv"), "--out", str(out), "--address", "local", *SMALL]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 120
+    while not (out / "features").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 10 and proc.returncode == 130, err
+    assert _manifest(out)["interrupted"] == "SIGINT"
+    for _ in range(50):  # Ray's own processes may take a moment to exit after shutdown
+        if not _ray_processes() - before:
+            break
+        time.sleep(0.2)
+    assert not _ray_processes() - before
+    assert _run(data / "synth_000.mrc", root / "prompts.csv", out) == 0  # the rerun completes

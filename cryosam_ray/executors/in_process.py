@@ -12,13 +12,13 @@ import logging
 import time
 
 from cryosam_ray.config import CryoSamConfig
-from cryosam_ray.errors import CryoSamError
+from cryosam_ray.errors import CryoSamError, RunInterrupted
 from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, TomogramHeader, embedding_shards,
                              finish_tomogram, match_tomogram, open_feature_group, precomputes_embeddings,
                              prompt_query_parts, tomogram_header)
 from cryosam_ray.particle import Particle
-from cryosam_ray.plan import (Plan, RunSummary, StageTimes, make_plan, no_query_error, write_record,
-                              write_run_outputs)
+from cryosam_ray.plan import (Plan, RunSummary, StageTimes, claim_output, interruption, make_plan, no_query_error,
+                              write_record, write_run_outputs)
 from cryosam_ray.progress import Progress
 from cryosam_ray.stages.query import combine_queries
 
@@ -26,18 +26,27 @@ log = logging.getLogger(__name__)
 
 
 def run_in_process(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *,
-                   fail_fast: bool = False, incremental: bool = False, progress: bool = False) -> RunSummary:
+                   fail_fast: bool = False, incremental: bool = False, progress: bool = False,
+                   wait_for_lock: bool = False) -> RunSummary:
     """The full pipeline over a dataset, in this process; outputs under ``out_dir``.
 
-    Resume and ``incremental`` work as on Ray (see :func:`cryosam_ray.plan.make_plan`).
+    Resume and ``incremental`` work as on Ray (see :func:`cryosam_ray.plan.make_plan`); the run
+    holds the output folder's lease (see :func:`cryosam_ray.plan.claim_output`).
     """
     t0 = time.perf_counter()
     timer = StageTimes()
-    plan = make_plan(tomogram_specs, prompts_path, out_dir, cfg, incremental=incremental, fail_fast=fail_fast)
-    timer.add("plan", t0)
-    run = _Run(plan, cfg, timer, fail_fast, Progress(progress))
-    classes = run.run() if plan.todo else sorted({p.cls for ps in plan.points.values() for p in ps})
-    summary = write_run_outputs(plan, run.records, timer.times, cfg, classes, extra={"executor": "in-process"})
+    with claim_output(out_dir, cfg, wait=wait_for_lock):
+        plan = make_plan(tomogram_specs, prompts_path, out_dir, cfg, incremental=incremental, fail_fast=fail_fast)
+        timer.add("plan", t0)
+        run = _Run(plan, cfg, timer, fail_fast, Progress(progress))
+        classes = sorted({p.cls for ps in plan.points.values() for p in ps})
+        try:
+            classes = run.run() if plan.todo else classes
+        except (KeyboardInterrupt, RunInterrupted) as exc:  # what is finished is committed: record it, then stop
+            write_run_outputs(plan, run.records, timer.times, cfg, classes, extra={
+                "executor": "in-process", "interrupted": interruption(exc)})
+            raise
+        summary = write_run_outputs(plan, run.records, timer.times, cfg, classes, extra={"executor": "in-process"})
     summary.times["wall"] = time.perf_counter() - t0
     return summary
 

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 import ray
 
 from cryosam_ray.config import CryoSamConfig, PoolConfig
-from cryosam_ray.errors import CryoSamError
+from cryosam_ray.errors import CryoSamError, RunInterrupted
 from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, Shard, TomogramHeader, embedding_shards,
                              finish_tomogram, match_tomogram, open_feature_group, pinned, precomputes_embeddings,
                              prompt_query_parts, tomogram_header)
 from cryosam_ray.particle import ClassQuery
-from cryosam_ray.plan import (Plan, RunSummary, TomogramRecord, make_plan, no_query_error, write_record,
-                              write_run_outputs)
+from cryosam_ray.plan import (Plan, RunSummary, TomogramRecord, claim_output, interruption, make_plan, no_query_error,
+                              write_record, write_run_outputs)
 from cryosam_ray.progress import Progress
 from cryosam_ray.stages.query import combine_queries
 from cryosam_ray.tables import Point
@@ -354,7 +354,11 @@ class _RayRun:
             self._pump_shards()
             if not self.pending:
                 break
-            [ref], _ = ray.wait(list(self.pending), num_returns=1)
+            # A timeout, so that signals (SIGTERM) are handled within a second whatever is in flight.
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+            if not ready:
+                continue
+            ref = ready[0]
             job = self.pending.pop(ref)
             self.times[job.event.value] += time.perf_counter() - job.since
             if job.pool is not None:
@@ -381,34 +385,44 @@ class _RayRun:
 
 
 def run_on_ray(tomogram_specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamConfig, *,
-               fail_fast: bool = False, progress: bool = True, incremental: bool = False) -> RunSummary:
+               fail_fast: bool = False, progress: bool = True, incremental: bool = False,
+               wait_for_lock: bool = False) -> RunSummary:
     """The full pipeline over a dataset on Ray (joining or starting one per ``cfg.ray.address``).
 
     Resume and ``incremental`` as planned by :func:`cryosam_ray.plan.make_plan`; the picks table
-    and ``run.json`` always cover every tomogram of the run.
+    and ``run.json`` always cover every tomogram of the run. The run holds the output folder's
+    lease (see :func:`cryosam_ray.plan.claim_output`).
     """
     t0 = time.perf_counter()
-    plan = make_plan(tomogram_specs, prompts_path, out_dir, cfg, incremental=incremental, fail_fast=fail_fast)
-    plan_s = time.perf_counter() - t0
-    classes = sorted({p.cls for ps in plan.points.values() for p in ps})
-    run = None
-    if plan.todo:
-        started = connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-        try:
-            cfg = _fit(cfg)
-            run = _RayRun(plan, cfg, fail_fast, progress)
-            run.run()
-            classes = sorted(run.queries) if run.queries else classes
-            resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
-        finally:
-            if started:
-                ray.shutdown()
-    records = dict(plan.records)
-    if run is not None:
-        records.update({name: t.record for name, t in run.tomos.items() if not t.query_only})
-    times = {"plan": plan_s, **(run.times if run else {})}
-    summary = write_run_outputs(plan, records, times, cfg, classes, extra={
-        "executor": "ray", "resources": resources if run else {}, "work": dict(run.counts) if run else {}})
+    with claim_output(out_dir, cfg, wait=wait_for_lock):
+        plan = make_plan(tomogram_specs, prompts_path, out_dir, cfg, incremental=incremental, fail_fast=fail_fast)
+        times = {"plan": time.perf_counter() - t0}
+        run, resources = None, {}
+
+        def outputs(**extra) -> RunSummary:
+            records = dict(plan.records)
+            if run is not None:
+                records.update({name: t.record for name, t in run.tomos.items() if not t.query_only})
+                times.update(run.times)
+            classes = sorted(run.queries) if run and run.queries else sorted({p.cls for ps in plan.points.values()
+                                                                             for p in ps})
+            return write_run_outputs(plan, records, times, cfg, classes, extra={
+                "executor": "ray", "resources": resources, "work": dict(run.counts) if run else {}, **extra})
+
+        if plan.todo:
+            started = connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+            try:
+                cfg = _fit(cfg)
+                run = _RayRun(plan, cfg, fail_fast, progress)
+                run.run()
+                resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+            except (KeyboardInterrupt, RunInterrupted) as exc:  # what is finished is committed: record it, stop
+                outputs(interrupted=interruption(exc))
+                raise
+            finally:
+                if started:
+                    ray.shutdown()
+        summary = outputs()
     summary.times["wall"] = time.perf_counter() - t0
     return summary
 
