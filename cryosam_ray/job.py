@@ -256,5 +256,6 @@ def finish_tomogram(header: TomogramHeader, particles: list[Particle], classes: 
     options = cfg.io.storage_options
     picks = picks_of(tomo, particles)
     files = write_masks(out_dir, tomo, particles, classes, storage_options=options)
-    files.append(write_preview(out_dir, tomo, particles, picks, classes, storage_options=options))
+    labels = open_tomogram(files[0], voxel_size_a=tomo.voxel_size_a, storage_options=options)  # read by slabs
+    files.append(write_preview(out_dir, tomo, labels, picks, classes, storage_options=options))
     return TomogramResult(picks, files)

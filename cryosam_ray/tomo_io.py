@@ -337,6 +337,31 @@ def write_mrc(url: str | os.PathLike, volume: np.ndarray, voxel_size_a: float, *
                              storage_options=storage_options)
 
 
+def write_labels_mrc(url: str | os.PathLike, shape: tuple[int, int, int], masks, voxel_size_a: float, *,
+                     dtype=np.uint16, storage_options: dict | None = None) -> str:
+    """Write a (D, H, W) label volume as MRC from its pieces, never holding it whole in memory.
+
+    Args:
+        masks: (bbox, mask, label) triples: bbox (z0, y0, x0, z1, y1, x1), a bool mask of the
+            box's shape, the label (> 0) written where the mask is set and no earlier label is.
+        dtype: uint16 (MRC mode 6), int16 (mode 1) or float32 (mode 2, labels up to 2**24).
+
+    The file is filled through a memory map (pages go to disk, not to this process's heap),
+    then put at ``url`` atomically. Returns ``url``.
+    """
+    mode = {np.dtype(np.uint16): 6, np.dtype(np.int16): 1, np.dtype(np.float32): 2}[np.dtype(dtype)]
+
+    def fill(local: str) -> None:
+        with mrcfile.new_mmap(local, tuple(int(s) for s in shape), mrc_mode=mode, overwrite=True) as mrc:
+            for (z0, y0, x0, z1, y1, x1), mask, label in masks:
+                view = mrc.data[z0:z1, y0:y1, x0:x1]
+                view[mask & (view == 0)] = label
+            mrc.voxel_size = float(voxel_size_a)
+            mrc.update_header_stats()
+
+    return write_file_atomic(str(url), fill, storage_options=storage_options)
+
+
 def _mrc_compatible(volume: np.ndarray) -> np.ndarray:
     if volume.dtype == np.bool_:
         return volume.astype(np.int8)

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from cryosam_ray.blocks import BlockLabels
 from cryosam_ray.particle import Particle
 
 log = logging.getLogger(__name__)
@@ -23,19 +24,19 @@ def resolve_classes(particles: list[Particle], shape: tuple[int, int, int], *, o
         return p.source != "prompt", -np.nan_to_num(p.score if math.isnan(p.class_score) else p.class_score, nan=1.0)
 
     ranked = sorted(range(len(particles)), key=rank)
-    owner = np.zeros(shape, np.int32)  # 1 + index of the accepted particle holding each voxel
+    owner = BlockLabels(shape, np.int32)  # 1 + index of the accepted particle holding each voxel
     sizes = {}
     kept = []
     for i in ranked:
         inst = particles[i].instance
-        z0, y0, x0, z1, y1, x1 = inst.bbox
-        region = owner[z0:z1, y0:y1, x0:x1]
+        region = owner.get(inst.bbox)
         holders = np.bincount(region[inst.mask], minlength=1)[1:]
         clash = any(count >= overlap * min(inst.voxel_count, sizes[j]) for j, count in enumerate(holders) if count)
         if clash:
             log.debug("dropping a %s particle that overlaps a better match", particles[i].cls)
             continue
         region[inst.mask & (region == 0)] = i + 1
+        owner.put(inst.bbox, region)
         sizes[i] = inst.voxel_count
         kept.append(i)
     return [particles[i] for i in sorted(kept, key=lambda i: (particles[i].source != "prompt", i))]

@@ -8,7 +8,7 @@ import numpy as np
 from cryosam_ray.particle import Particle, Pick
 from cryosam_ray.propagation import Instance
 from cryosam_ray.storage import join
-from cryosam_ray.tomo_io import Tomogram, write_mrc
+from cryosam_ray.tomo_io import Tomogram, write_labels_mrc
 
 
 def picks_of(tomogram: Tomogram, particles: list[Particle]) -> list[Pick]:
@@ -39,22 +39,24 @@ def write_masks(out_dir: str, tomogram: Tomogram, particles: list[Particle], cla
     """``masks/<name>_instances.mrc`` (ids as in the picks table) and ``masks/<name>_semantic.mrc``
     (1 + the class's index in ``classes``, 0 = background). Returns the URLs written."""
     base = join(out_dir, "masks", tomogram.name)
-    instances = [p.instance for p in particles]
-    labels = label_volume(tomogram.shape, instances, list(range(1, len(particles) + 1)))
-    semantic = label_volume(tomogram.shape, instances, [1 + classes.index(p.cls) for p in particles])
-    return [write_mrc(f"{base}_instances.mrc", labels, tomogram.voxel_size_a, storage_options=storage_options),
-            write_mrc(f"{base}_semantic.mrc", semantic.astype(np.int16), tomogram.voxel_size_a,
-                      storage_options=storage_options)]
+    live = [p.instance for p in particles if not p.instance.empty]
+    ids = [n for n, p in enumerate(particles, start=1) if not p.instance.empty]
+    kinds = [1 + classes.index(p.cls) for p in particles if not p.instance.empty]
+    wide = np.uint16 if len(particles) < 2**16 else np.float32  # MRC has no 32-bit integer mode
+    return [write_labels_mrc(f"{base}_instances.mrc", tomogram.shape, [(i.bbox, i.mask, n) for i, n in zip(live, ids)],
+                             tomogram.voxel_size_a, dtype=wide, storage_options=storage_options),
+            write_labels_mrc(f"{base}_semantic.mrc", tomogram.shape, [(i.bbox, i.mask, k) for i, k in zip(live, kinds)],
+                             tomogram.voxel_size_a, dtype=np.int16, storage_options=storage_options)]
 
 
-def write_preview(out_dir: str, tomogram: Tomogram, particles: list[Particle], picks: list[Pick], classes: list[str],
-                  *, storage_options: dict | None = None) -> str:
+def write_preview(out_dir: str, tomogram: Tomogram, labels, picks: list[Pick], classes: list[str], *,
+                  storage_options: dict | None = None) -> str:
     """``previews/<name>.png``: z slabs of the tomogram with every pick and its mask outline, one
-    colour per class of ``classes`` (the same in every tomogram's preview). Returns its URL."""
+    colour per class of ``classes`` (the same in every tomogram's preview). ``labels``: the
+    instance labels (an opened mask file: read slab by slab). Returns its URL."""
     from cryosam_ray import previews
 
     rows = [pick.row() for pick in picks]
-    labels = label_volume(tomogram.shape, [p.instance for p in particles], [p.instance_id for p in picks])
     image = previews.render_preview(tomogram, rows, labels, classes=classes,
                                     label_classes={p.instance_id: p.cls for p in picks})
     return previews.write_preview(join(out_dir, "previews", f"{tomogram.name}.png"), image,

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from cryosam_ray.blocks import BlockLabels
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.density import density_proposals
 from cryosam_ray.features import FeatureVolume
@@ -53,16 +54,16 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
     ``known`` particles (this class's prompt instances on this tomogram) are never found twice.
     """
     inst_cfg, prop = cfg.instances, cfg.propagation
-    claimed = np.zeros(tomogram.shape, bool)  # voxels of accepted particles (rejected masks claim nothing)
+    claimed = BlockLabels(tomogram.shape, np.uint8)  # accepted particles' voxels (rejected masks claim none)
     for particle in known:
-        particle.instance.paste(claimed, True)
+        claimed.paste(particle.instance.bbox, particle.instance.mask, 1)
     found: list[Particle] = []
     lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels
     hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels
     radius = query.radius if prop.size_prior else None
     order = list(range(len(proposals)))
     while order:
-        batch = [i for i in order[:inst_cfg.batch] if not claimed[tuple(np.rint(proposals.zyx[i]).astype(int))]]
+        batch = [i for i in order[:inst_cfg.batch] if not claimed.at(np.rint(proposals.zyx[i]))]
         order = order[inst_cfg.batch:]
         if not batch:
             continue
@@ -71,10 +72,9 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
         for i, inst in zip(batch, instances):
             if inst.empty or not lo <= inst.voxel_count <= hi:
                 continue  # a leaked or empty mask: it claims nothing, so it hides no true neighbour
-            z0, y0, x0, z1, y1, x1 = inst.bbox
-            if claimed[z0:z1, y0:y1, x0:x1][inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
+            if claimed.get(inst.bbox)[inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
                 continue  # the same particle as one found before
-            inst.paste(claimed, True)
+            claimed.paste(inst.bbox, inst.mask, 1)
             found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i])))
     score_particles(volume, found, {query.cls: query}, cfg.matching.similarity)
     log.info("%s: %d %s candidates from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
