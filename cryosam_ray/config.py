@@ -322,6 +322,10 @@ class RayConfig(_Section):
     max_inflight_tomograms: int = Field(4, ge=1, description="Tomograms between encoding and writing at once.")
     max_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor.")
     max_retries: int = Field(3, ge=0, description="Retries of a task or actor call lost to a crash.")
+    stall_timeout_s: float = Field(
+        900.0, ge=5, description="When no work finishes for this long (a lost node whose work cannot be placed on "
+        "what is left, a task waiting for CPUs the actors hold), the unfinished tomograms fail with the cluster's "
+        "resources in the message instead of the run waiting forever.")
 
     @field_validator("address")
     @classmethod

@@ -281,3 +281,16 @@ def test_ctrl_c_stops_a_ray_run_and_leaves_no_ray_of_ours(cluster, dataset, tmp_
         time.sleep(0.2)
     assert not _ray_processes() - before
     assert _run(data / "synth_000.mrc", root / "prompts.csv", out) == 0  # the rerun completes
+
+
+def test_work_that_cannot_be_placed_fails_within_the_stall_timeout(cluster, dataset, tmp_path):
+    """What a lost node leaves behind: tasks asking for more CPUs than the cluster has now."""
+    root, data = dataset
+    out = tmp_path / "out"
+    t0 = time.time()
+    code = _run(data / "synth_000.mrc", root / "prompts.csv", out, "--address", "auto",
+                "--set", "ray.task_cpus=64", "--set", "ray.stall_timeout_s=5")
+    assert code == 1 and time.time() - t0 < 60
+    record = _manifest(out)["tomograms"]["synth_000"]
+    assert record["status"] == "failed" and "no work finished for 5 s" in record["error"]
+    assert "task" in record["error"] and "CPU" in record["error"]

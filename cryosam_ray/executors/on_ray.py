@@ -123,6 +123,10 @@ class _Pool:
             self.outstanding[index] -= 1
 
 
+class StallError(CryoSamError):
+    """No work finished for ``ray.stall_timeout_s``: the cluster cannot place what is left."""
+
+
 class Event(enum.Enum):
     """What a finished ref was."""
 
@@ -304,6 +308,28 @@ class _RayRun:
         self._close(t)
         self.progress.add("tomograms", done=1)
 
+    def _stalled(self) -> None:
+        """Nothing finished for ray.stall_timeout_s: fail what is left, saying what waits and what the cluster has."""
+        waiting = defaultdict(int)
+        for job in self.pending.values():
+            waiting[job.event.value] += 1
+        r = self.cfg.ray
+        asks = {p: f"{getattr(r, p).size} x ({getattr(r, p).num_cpus:g} CPU, {getattr(r, p).num_gpus:g} GPU)"
+                for p in ("encoders", "segmenters") + (("embedders",) if self.precompute else ())}
+        try:
+            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        except Exception:  # the cluster itself is gone
+            have, total = {}, {}
+        message = (f"no work finished for {r.stall_timeout_s:g} s (ray.stall_timeout_s); waiting: {dict(waiting)}; "
+                   f"the cluster has {total} ({have} free) and the pools ask {asks} plus {r.task_cpus:g} CPU per "
+                   f"task: after a lost node, lower ray.*.num_cpus or add nodes, then rerun (finished tomograms "
+                   f"are kept)")
+        log.error(message)
+        for t in self.tomos.values():
+            if not t.closed:
+                self._on_failure(t, StallError(message))
+
     def _close(self, t: _Tomo) -> None:
         """``t`` needs nothing more: its slot goes to the next tomogram."""
         t.closed = True
@@ -342,6 +368,7 @@ class _RayRun:
         self.progress.add("prompts", total=sum(len(plan.points[n]) for n in plan.prompt_tomograms))
         queue = deque(self.tomos.values())
         limit = self.cfg.ray.max_inflight_tomograms
+        last_done = time.monotonic()
         # Shards wait in their own queue: the loop goes on while any remain, even when nothing is
         # in flight (a tomogram's last finished call may be the one that queued them).
         while queue or self.pending or self.shard_queue:
@@ -357,7 +384,11 @@ class _RayRun:
             # A timeout, so that signals (SIGTERM) are handled within a second whatever is in flight.
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
             if not ready:
+                if time.monotonic() - last_done > self.cfg.ray.stall_timeout_s:
+                    self._stalled()
+                    break
                 continue
+            last_done = time.monotonic()
             ref = ready[0]
             job = self.pending.pop(ref)
             self.times[job.event.value] += time.perf_counter() - job.since
