@@ -37,6 +37,7 @@ from cryosam_ray.stages.outputs import picks_of, write_masks, write_preview
 from cryosam_ray.stages.particles import particles_of_tomogram
 from cryosam_ray.stages.prompts import segment_prompts
 from cryosam_ray.stages.query import query_parts
+from cryosam_ray.storage import retried
 from cryosam_ray.tables import Point
 from cryosam_ray.tomo_io import Tomogram, VolumeStats, open_tomogram
 
@@ -180,9 +181,10 @@ class EncoderWorker:
         if self._fitted != header.url:  # per-tomogram statistics: deterministic, so every worker agrees
             self.encoder.fit(tomo)
             self._fitted = header.url
+        feats = encode_shard(tomo, self.encoder, shard.axis, shard.start, shard.stop)
         store = FeatureStore.open(group_url, storage_options=self.cfg.io.storage_options)
-        store.write_shard(shard.axis, shard.start, encode_shard(tomo, self.encoder, shard.axis, shard.start,
-                                                                shard.stop))
+        # Idempotent (the chunk, then its flag), so a write that a network error broke is simply redone.
+        retried(lambda: store.write_shard(shard.axis, shard.start, feats), group_url)
         return ShardReceipt(shard, time.perf_counter() - t0)
 
 

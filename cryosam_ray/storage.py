@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Callable
 
 import fsspec
@@ -42,11 +43,48 @@ def filesystem(url: str, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(str(url), **(storage_options or {}) if is_remote(url) else {})
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: a dropped connection, a timeout, throttling (503
+    SlowDown) or a server error; not a missing object or a refused permission."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    return any(key in text for key in ("SlowDown", "503", "500 ", "InternalError", "ServiceUnavailable",
+                                       "RequestTimeout", "Throttl", "Connection reset", "EndpointConnectionError"))
+
+
+def retried(op: Callable, url: str, *, attempts: int = 5, backoff_s: float = 0.5):
+    """``op()``, retried with exponential backoff while it fails transiently (see :func:`transient`).
+
+    Raises the last error, with the URL in its message when it was not already there.
+    """
+    for attempt in range(attempts):
+        try:
+            return op()
+        except Exception as exc:  # noqa: BLE001 (classified just below)
+            if not transient(exc) or attempt == attempts - 1:
+                if str(url) not in str(exc):
+                    raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                raise
+            time.sleep(backoff_s * 2**attempt)
+
+
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    """The whole file at ``url`` (raises FileNotFoundError / OSError as fsspec does)."""
+    """The whole file at ``url`` (FileNotFoundError when there is none; transient errors retried)."""
     fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        return handle.read()
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+
+    try:
+        return retried(read, url) if is_remote(url) else read()
+    except OSError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise exc.__cause__
+        raise
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
@@ -71,7 +109,7 @@ def write_file_atomic(url: str, write: Callable[[str], None], *, storage_options
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, os.path.basename(path))
             write(local)
-            fs.put_file(local, path)
+            retried(lambda: fs.put_file(local, path), url)  # one upload, retried when the network hiccups
         return url
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

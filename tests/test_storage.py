@@ -72,3 +72,30 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "picks.csv").stat().st_mode & 0o777 == 0o644  # group and others may read
+
+
+def test_transient_s3_errors_are_retried_and_permanent_ones_name_the_url(s3_bucket, monkeypatch):
+    import s3fs
+
+    from cryosam_ray import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    real_put, calls = s3fs.S3FileSystem.put_file, []
+
+    def flaky(self, lpath, rpath, **kw):
+        calls.append(rpath)
+        if len(calls) <= 2:
+            raise OSError("An error occurred (SlowDown) when calling the PutObject operation: 503")
+        return real_put(self, lpath, rpath, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "put_file", flaky)
+    url = join(s3_bucket, "out", "picks.csv")
+    write_bytes_atomic(url, b"a,b\n")
+    assert len(calls) == 3 and read_bytes(url) == b"a,b\n"
+
+    def refused(self, lpath, rpath, **kw):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "put_file", refused)
+    with pytest.raises(OSError, match="picks2.csv.*Access Denied"):
+        write_bytes_atomic(join(s3_bucket, "out", "picks2.csv"), b"x")
