@@ -58,14 +58,14 @@ def transient(exc: BaseException) -> bool:
 def retried(op: Callable, url: str, *, attempts: int = 5, backoff_s: float = 0.5):
     """``op()``, retried with exponential backoff while it fails transiently (see :func:`transient`).
 
-    Raises the last error, with the URL in its message when it was not already there.
+    Raises the last error; an OSError without the URL in its message gets it.
     """
     for attempt in range(attempts):
         try:
             return op()
         except Exception as exc:  # noqa: BLE001 (classified just below)
             if not transient(exc) or attempt == attempts - 1:
-                if str(url) not in str(exc):
+                if isinstance(exc, OSError) and str(url) not in str(exc):
                     raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
                 raise
             time.sleep(backoff_s * 2**attempt)
