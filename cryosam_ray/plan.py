@@ -22,9 +22,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cryosam_ray.config import CryoSamConfig
+from cryosam_ray.encoders import check_encoder
 from cryosam_ray.errors import CryoSamError, PromptError
 from cryosam_ray.lease import OutputLease
 from cryosam_ray.particle import Pick
+from cryosam_ray.segmenters import check_segmenter
 from cryosam_ray.storage import filesystem, fingerprint, is_remote, join, read_bytes, write_bytes_atomic
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks, write_star
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, open_tomogram, tomogram_name
@@ -243,6 +245,8 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
     """Open the inputs' headers, read the prompts, and decide what is left to do (see the module doc)."""
     out_dir = str(out_dir).rstrip("/")
     options = cfg.io.storage_options
+    check_encoder(cfg.encoder, options)
+    check_segmenter(cfg.segmenter, options)
     tomograms, records = {}, {}
     for url in expand_tomograms(specs, options):
         try:

@@ -111,6 +111,32 @@ def resolve_weights(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
     return target
 
 
+def check_source(source: str, storage_options: dict | None = None) -> None:
+    """Fail early, before any work, when named weights are plainly not there.
+
+    Local paths must exist; ``s3://`` and other fsspec URLs are looked up; http(s) URLs and hub
+    ids are left to the loader (checking them needs the network).
+
+    Raises:
+        WeightsError: names the source and what is missing.
+    """
+    source = str(source)
+    protocol = fsspec.utils.get_protocol(source) if "://" in source else "file"
+    if protocol in ("http", "https"):
+        return
+    if protocol == "file":
+        if not Path(os.path.expanduser(source)).exists():
+            raise WeightsError(source, "no such file or folder")
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+        found = fs.exists(path)
+    except Exception as exc:  # botocore / network errors have no common base class
+        raise WeightsError(source, f"cannot look it up ({type(exc).__name__}: {exc})") from exc
+    if not found:
+        raise WeightsError(source, "no such file or folder")
+
+
 def _basename(source: str) -> str:
     path = urllib.parse.urlsplit(source).path if "://" in source else source
     name = urllib.parse.unquote(path.rstrip("/").rsplit("/", 1)[-1])

@@ -101,3 +101,20 @@ def test_a_missing_output_bucket_is_named(s3_bucket):
     check_output(f"{s3_bucket}/run")  # exists: fine
     with pytest.raises(PlanError, match="no-such-bucket-cryosam"):
         check_output("s3://no-such-bucket-cryosam/run")
+
+
+def test_missing_weights_stop_the_run_before_any_work(tmp_path):
+    from cryosam_ray.errors import WeightsError
+
+    _mrc(tmp_path / "data" / "TS_01.mrc")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("tomogram,z,y,x\nTS_01,4,6,8\n")
+    sam = CryoSamConfig.model_validate({"segmenter": {"backend": "sam", "sam": {"checkpoint": str(tmp_path / "no.pth")}}})
+    with pytest.raises(WeightsError, match="no.pth: no such file"):
+        make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), sam)
+    bare = CryoSamConfig.model_validate({"segmenter": {"backend": "sam"}})
+    with pytest.raises(WeightsError, match="no checkpoint given"):
+        make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), bare)
+    dinov2 = CryoSamConfig.model_validate({"encoder": {"backend": "dinov2", "dinov2": {"model": "/no/dinov2"}}})
+    with pytest.raises(WeightsError, match="/no/dinov2"):
+        make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), dinov2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cryosam_ray.encoders.base import SliceEncoder
 
-__all__ = ["SliceEncoder", "build_encoder", "ENCODERS"]
+__all__ = ["SliceEncoder", "build_encoder", "check_encoder", "ENCODERS"]
 
 
 def _build_filterbank(cfg):
@@ -31,6 +31,17 @@ def _build_dinov2(cfg):
 
 
 ENCODERS = {"filterbank": _build_filterbank, "rings": _build_rings, "dinov2": _build_dinov2}
+
+
+def check_encoder(cfg, storage_options: dict | None = None) -> None:
+    """What can be checked before any work: DINOv2 weights named by a path or URL exist (a hub id
+    is left to the loader)."""
+    if cfg.backend == "dinov2":
+        from cryosam_ray.weights import check_source
+
+        model = str(cfg.dinov2.model)
+        if "://" in model or model.startswith(("/", "./", "../", "~")):
+            check_source(model, storage_options)
 
 
 def build_encoder(cfg) -> SliceEncoder:
