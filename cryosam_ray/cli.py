@@ -8,6 +8,8 @@ line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import signal
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cryosam",
         description="Training-free cryo-ET tomogram segmentation (CryoSAM) over whole datasets on Ray.")
     parser.add_argument("--version", action="version", version=f"cryosam_ray {__version__}")
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--verbose", "-v", action="count", default=0,
+                        help="more on the console: -v the progress log, -vv debug (default: warnings and errors; "
+                        "cryosam run keeps the full log in DIR/run.log)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = sub.add_parser("synth", help="write realistic synthetic tomograms with truth tables and labels",
@@ -190,6 +194,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, {"io.voxel_size_a": args.voxel_size, "ray.address": args.address})
+    with _run_log(args.out, cfg.io.storage_options):
+        return _run(args, cfg)
+
+
+@contextlib.contextmanager
+def _run_log(out: str, storage_options: dict):
+    """The run's full log (INFO and up) in OUT/run.log, whatever the console shows."""
+    from cryosam_ray.storage import is_remote, join, write_bytes_atomic
+
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        try:
+            if is_remote(out) or Path(out).is_dir():
+                write_bytes_atomic(join(out, "run.log"), buffer.getvalue().encode(), storage_options=storage_options)
+        except OSError as exc:
+            log.warning("could not write %s/run.log: %s", out, exc)
+
+
+def _run(args: argparse.Namespace, cfg: CryoSamConfig) -> int:
     if cfg.ray.address == "none":
         from cryosam_ray.executors.in_process import run_in_process
 
@@ -271,8 +302,11 @@ def _evaluate_mask_files(truth_labels: str, pred_masks: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()
+    console.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if args.verbose
+                                           else "%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, handlers=[console], force=True)
     _stop_on_sigterm()
     try:
         return args.func(args)

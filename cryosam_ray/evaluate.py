@@ -140,7 +140,25 @@ class PickingReport:
         lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
                  for row in cells]
         lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(lines)
+        return "\n".join(lines + self._legend())
+
+    def _legend(self) -> list[str]:
+        """What the columns mean, and when a pick counts as found."""
+        rule = self.match or {}
+        if "distance_vox" in rule:
+            within = f"within {rule['distance_vox']:g} voxels"
+        elif "distance_a" in rule:
+            within = f"within {rule['distance_a']:g} A"
+        else:
+            within = f"within {rule.get('radius_fraction', 0.5):g} x the true particle's radius"
+        lines = ["", f"A pick is a true positive (tp) when it is matched one-to-one to a true particle of its class "
+                 f"{within};", "fp: picks matched to none; fn: true particles no pick matched; precision = tp / "
+                 f"(tp + fp), recall = tp / (tp + fn), f1 their harmonic mean, f{self.beta:g} weighs recall "
+                 f"{self.beta:g}x."]
+        if self.ranking is not None:
+            lines.append("With picks ranked by score: ap = average precision; r@kx = recall of the best k x "
+                         "(number of true particles) picks.")
+        return lines
 
 
 def match_points(pred_zyx: np.ndarray, truth_zyx: np.ndarray, max_dist) -> list[tuple[int, int]]:

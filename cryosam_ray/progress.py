@@ -1,27 +1,38 @@
-"""The run's progress display on the console: one bar per stage (tomograms, slices, prompts)."""
+"""The run's progress on the console: one line (tomograms done, with slices and prompts after it).
+
+Shown only on a terminal: a log file or a CI console gets the closing summary, not a bar per update.
+"""
 
 from __future__ import annotations
 
+import sys
+
 
 class Progress:
-    """One progress display per stage on the driver (tomograms, slices, prompts)."""
+    """One progress line for the whole run; ``add`` counts work of any stage."""
 
     def __init__(self, enabled: bool):
-        self.bars = {}
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self._bar = None
 
     def add(self, stage: str, total: int = 0, done: int = 0) -> None:
+        self.totals[stage] = self.totals.get(stage, 0) + total
+        self.done[stage] = self.done.get(stage, 0) + done
         if not self.enabled:
             return
-        from tqdm import tqdm
+        if self._bar is None:
+            from tqdm import tqdm
 
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(total=0, desc=stage, unit="", position=len(self.bars), leave=True)
-        bar = self.bars[stage]
-        bar.total += total
-        bar.update(done)
+            self._bar = tqdm(total=0, desc="tomograms", unit="", dynamic_ncols=True, leave=True)
+        bar = self._bar
+        bar.total = self.totals.get("tomograms", 0)
+        bar.n = self.done.get("tomograms", 0)
+        bar.set_postfix_str(", ".join(f"{s} {self.done[s]}/{self.totals[s]}" for s in self.totals
+                                      if s != "tomograms" and self.totals[s]), refresh=False)
         bar.refresh()
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        if self._bar is not None:
+            self._bar.close()

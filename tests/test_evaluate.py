@@ -197,7 +197,9 @@ def test_report_to_json_and_table():
     assert set(data["per_tomogram"]) == {"TS_01", "TS_02"}
     assert data["overall"]["recall"] == 0.5 and data["overall"]["tp"] == 10
     text = report.format_table()
-    lines = text.splitlines()
+    table, legend = text.split("\n\n")
+    assert "within 0.5 x the true particle's radius" in legend and "ap = average precision" in legend
+    lines = table.splitlines()
     assert lines[0].split() == ["scope", "name", "tp", "fp", "fn", "precision", "recall", "f1", "f4", "ap",
                                 "r@1x", "r@2x", "r@3x"]
     assert any(line.startswith("class") and "ribosome" in line for line in lines)

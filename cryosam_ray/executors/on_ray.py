@@ -22,8 +22,12 @@ work fails for good is recorded as failed with its reason while the others finis
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
+import sys
+import tempfile
 import time
 import uuid
 from collections import defaultdict, deque
@@ -53,10 +57,35 @@ def connect(address: str, *, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
+        with _stderr_to_log("starting a local Ray"):  # Ray's own start-up notices go to run.log, not the console
+            ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
         return True
     ray.init(address=address, log_to_driver=False, configure_logging=False)
     return False
+
+
+@contextlib.contextmanager
+def _stderr_to_log(what: str):
+    """Send what native code writes to stderr (file descriptor 2) to the log at INFO meanwhile;
+    if the block fails, it goes back to stderr with the error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace").strip()
+        if text:
+            log.info("%s: %s", what, text)
 
 
 def fit_to_local_cpus(cfg: CryoSamConfig, total_cpus: float) -> CryoSamConfig:
