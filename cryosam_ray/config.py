@@ -34,6 +34,9 @@ class IOConfig(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for remote URLs (s3://): key, secret, endpoint_url ...; "
         "by default credentials and endpoint come from the standard AWS environment.")
+    cache_dir: str | None = Field(
+        "auto", description="Where workers keep a local copy of each remote MRC tomogram they read (one download "
+        "instead of ranged reads per slab along every axis); auto: <temp dir>/cryosam-tomograms; null: no copy.")
     lease_ttl_s: float = Field(
         120.0, ge=5, description="Seconds a run's lease on its output folder lasts unless renewed (renewed every "
         "third of it while the run lives; a killed run's lease expires after this).")

@@ -21,6 +21,8 @@ to the output folder.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -104,9 +106,17 @@ class TomogramResult:
 
 def open_with_stats(header: TomogramHeader, cfg: CryoSamConfig) -> Tomogram:
     """Open a validated tomogram without the full read its statistics need."""
-    tomo = open_tomogram(header.url, voxel_size_a=cfg.io.voxel_size_a, storage_options=cfg.io.storage_options)
+    tomo = open_tomogram(header.url, voxel_size_a=cfg.io.voxel_size_a, storage_options=cfg.io.storage_options,
+                         cache_dir=tomogram_cache(cfg))
     tomo.__dict__["stats"] = header.stats  # the cached_property's slot
     return tomo
+
+
+def tomogram_cache(cfg: CryoSamConfig) -> str | None:
+    """The folder for local copies of remote tomograms on this node (``io.cache_dir``)."""
+    if cfg.io.cache_dir == "auto":
+        return os.path.join(tempfile.gettempdir(), "cryosam-tomograms")
+    return cfg.io.cache_dir
 
 
 def tomogram_header(url: str, cfg: CryoSamConfig) -> TomogramHeader:

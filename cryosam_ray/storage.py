@@ -144,6 +144,26 @@ def fingerprint(url: str, storage_options: dict | None = None) -> dict:
     return {"url": str(url), "size": info.get("size"), "stamp": str(stamp)}
 
 
+def local_copy(url: str, cache_dir: str, storage_options: dict | None = None) -> str:
+    """A local copy of the remote file ``url`` in ``cache_dir``, downloaded once per version.
+
+    Workers read a tomogram's slabs along every axis; from an MRC on S3 each y or x slab needs
+    ranges from every z section, so slab by slab the file would be read many times over. One
+    streamed download, then memory-mapped reads, costs one pass. The copy is keyed by the URL,
+    size and modification stamp (a changed file is fetched again) and written atomically, so
+    concurrent workers on one node share it.
+    """
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(fingerprint(url, storage_options), sort_keys=True).encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, f"{key}-{os.path.basename(filesystem(url)[1])}")
+    if os.path.exists(target):
+        return target
+    fs, path = filesystem(url, storage_options)
+    return write_file_atomic(target, lambda local: retried(lambda: fs.get_file(path, local), url))
+
+
 def zarr_store(url: str, storage_options: dict | None = None):
     """What ``zarr.open_group`` takes for ``url``: a local path, or an fsspec store for remote URLs."""
     if not is_remote(url):

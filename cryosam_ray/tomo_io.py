@@ -30,7 +30,7 @@ from cryosam_ray.errors import (
     NotAVolumeError,
     TomogramNotFoundError,
 )
-from cryosam_ray.storage import fingerprint, is_remote, join, write_file_atomic
+from cryosam_ray.storage import fingerprint, is_remote, join, local_copy, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +204,15 @@ def data_fingerprint(tomogram: "Tomogram") -> dict:
 
 
 def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
-                  storage_options: dict | None = None) -> Tomogram:
+                  storage_options: dict | None = None, cache_dir: str | None = None) -> Tomogram:
     """Open an MRC file or a zarr / OME-Zarr array as a lazy ZYX :class:`Tomogram`.
 
     Args:
         url: local path or fsspec URL (``s3://bucket/TS_01.mrc``, ``/data/TS_01.zarr``).
         voxel_size_a: overrides the voxel size in the file (Angstrom).
         storage_options: passed to fsspec (credentials, endpoint); default from the environment.
+        cache_dir: with a remote MRC file, read it from a local copy kept here (see
+            :func:`cryosam_ray.storage.local_copy`); None: ranged reads from the remote file.
 
     Raises:
         TomogramNotFoundError: nothing at ``url``.
@@ -224,6 +226,9 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
         raise TomogramNotFoundError(url, "no such file or directory")
     if _looks_like_zarr(fs, path):
         array, header_voxel = _open_zarr(url, fs, path)
+    elif cache_dir and is_remote(url):
+        local = local_copy(url, cache_dir, storage_options)
+        array, header_voxel = _open_mrc(url, *fsspec.core.url_to_fs(local), local=True)
     else:
         array, header_voxel = _open_mrc(url, fs, path)
     if np.dtype(array.dtype).kind not in "iuf":
@@ -245,10 +250,11 @@ def _looks_like_zarr(fs, path: str) -> bool:
     return fs.isdir(path) and any(fs.exists(join(path, m)) for m in (".zarray", ".zgroup", "zarr.json"))
 
 
-def _open_mrc(url: str, fs, path: str):
-    """Returns (ZYX array-like, voxel size from the header or None)."""
+def _open_mrc(url: str, fs, path: str, *, local: bool = False):
+    """Returns (ZYX array-like, voxel size from the header or None); ``local``: ``path`` is a
+    local copy of ``url``."""
     try:
-        if not is_remote(url):
+        if local or not is_remote(url):
             mrc = mrcfile.mmap(path, mode="r", permissive=False)
             array, voxel = mrc.data, mrc.voxel_size
         else:

@@ -195,3 +195,18 @@ def test_a_complex_map_is_refused(tmp_path):
         mrc.voxel_size = 2.0
     with pytest.raises(NotAVolumeError, match="complex64"):
         open_tomogram(path)
+
+
+def test_a_remote_mrc_is_read_from_one_local_copy(s3_bucket, tmp_path, small_volume):
+    url = f"{s3_bucket}/data/TS_01.mrc"
+    write_mrc(url, small_volume, 13.5)
+    cache = tmp_path / "cache"
+    tomo = open_tomogram(url, cache_dir=str(cache))
+    assert tomo.url == url and tomo.name == "TS_01" and tomo.voxel_size_a == 13.5
+    np.testing.assert_array_equal(tomo.slab(1, 3, 7), small_volume[:, 3:7].transpose(1, 0, 2))  # slices first
+    copies = list(cache.iterdir())
+    assert len(copies) == 1 and copies[0].name.endswith("-TS_01.mrc")
+    open_tomogram(url, cache_dir=str(cache))
+    assert list(cache.iterdir()) == copies  # fetched once
+    write_mrc(url, small_volume * 2, 13.5)  # a new version is fetched again
+    np.testing.assert_array_equal(open_tomogram(url, cache_dir=str(cache)).slab(0, 0, 2), small_volume[:2] * 2)
