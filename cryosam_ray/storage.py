@@ -139,9 +139,12 @@ def _write_local(path: str, data: bytes) -> None:
 def fingerprint(url: str, storage_options: dict | None = None) -> dict:
     """What identifies an input file without reading it: its URL, size and modification stamp."""
     fs, path = filesystem(url, storage_options)
+    if is_remote(url):
+        fs.invalidate_cache(path)  # s3fs keeps listings: a file replaced in this process would look unchanged
     info = fs.info(path)
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
-    return {"url": str(url), "size": info.get("size"), "stamp": str(stamp)}
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
+    # An object store's ETag changes with the content even within the stamp's one-second resolution.
+    return {"url": str(url), "size": info.get("size"), "stamp": str(stamp), "etag": str(info.get("ETag", ""))}
 
 
 def local_copy(url: str, cache_dir: str, storage_options: dict | None = None) -> str:
