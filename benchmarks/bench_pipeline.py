@@ -5,6 +5,7 @@ architectures on one GPU (--gpu).
     python benchmarks/bench_pipeline.py --gpu [--shape 200 512 512] [--dinov2 large] [--sam vit_h]
         [--directions six] [--proposals 512] [--steps 10] [--json FILE]
     python benchmarks/bench_pipeline.py --gpu --shape 16 64 64 --dinov2 tiny --sam tiny --proposals 8 --steps 2
+    python benchmarks/bench_pipeline.py --s3 [--n 2] [--shape 64 128 128] [--json FILE]
 
 Ray mode: synthesises a dataset (one ribosome prompt), then runs `cryosam run` on the same
 tomograms with the same weight-free backends: in process (no Ray), on Ray with one encoder and
@@ -17,6 +18,10 @@ functions in this process, with random-weight models of the real architectures (
 ViT-L/14 with registers, SAM ViT-H) on the GPU (on the CPU when there is none, for a smoke run
 with small shapes and models); prints the time of each stage, tomograms per hour per GPU and
 the peak GPU memory. It imports neither Ray nor zarr nor s3fs (no feature or embedding store).
+
+--s3 mode (:func:`run_s3`): the same in-process job twice, on local files and with its
+tomograms, prompts, features and outputs on a local S3 endpoint (moto on 127.0.0.1); prints
+the wall times and their ratio.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import tempfile
 import time
@@ -227,6 +233,61 @@ def run_gpu(args) -> None:
             "proposals": n_prop, "particles": len(found), "peak_gpu_memory_gib": peak, **counts}, indent=2))
 
 
+def run_s3(args) -> None:
+    """The same in-process job on local files and through a local S3 endpoint; prints the ratio."""
+    import socket
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    from cryosam_ray.config import load_config
+    from cryosam_ray.executors.in_process import run_in_process
+    from cryosam_ray.synth import SynthSettings, write_dataset
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the endpoint's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bench")
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            data = root / "data"
+            write_dataset(str(data), n=args.n, seed=11, settings=SynthSettings(shape=tuple(args.shape), snr=0.5,
+                                                                                use_real_maps=False))
+            prompts = _prompts(data, root / "prompts.csv")
+            fs = fsspec.filesystem("s3")
+            for path in sorted(data.glob("synth_*.mrc")):
+                if not path.name.endswith("_labels.mrc"):
+                    fs.put_file(str(path), f"bench/data/{path.name}")
+            fs.put_file(str(prompts), "bench/prompts.csv")
+            cfg = load_config(None, {"io.cache_dir": str(root / "cache")})
+            t = time.perf_counter()
+            local_times = run_in_process([str(p) for p in sorted(data.glob("synth_*.mrc"))
+                                          if not p.name.endswith("_labels.mrc")],
+                                         str(prompts), str(root / "local"), cfg).times
+            local = time.perf_counter() - t
+            t = time.perf_counter()
+            remote_times = run_in_process(["s3://bench/data"], "s3://bench/prompts.csv", "s3://bench/out", cfg).times
+            remote = time.perf_counter() - t
+    finally:
+        server.stop()
+    print(f"\n{args.n} tomograms of {tuple(args.shape)}, in process; S3 through moto on 127.0.0.1\n")
+    print(f"{'storage':<12}{'wall (s)':>10}   stage seconds")
+    for label, wall, times in (("local files", local, local_times), ("S3", remote, remote_times)):
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items()) if k != "wall")
+        print(f"{label:<12}{wall:>10.1f}   {stages}")
+    print(f"\nS3 / local: {remote / local:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"local_s": local, "s3_s": remote, "ratio": remote / local}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the real architectures in process (see run_gpu)")
@@ -247,11 +308,16 @@ def main() -> None:
     parser.add_argument("--dinov2-batch", type=int, default=64)
     parser.add_argument("--sam-batch", type=int, default=16)
     parser.add_argument("--decode-batch", type=int, default=512)
+    parser.add_argument("--s3", action="store_true", help="in process, inputs and outputs on a local S3 endpoint "
+                        "(moto on 127.0.0.1) against local files, on the same data")
     args = parser.parse_args()
     if args.gpu:
         run_gpu(args)
         return
     args.shape = tuple(args.shape or (64, 128, 128))
+    if args.s3:
+        run_s3(args)
+        return
 
     import ray
 
