@@ -34,6 +34,9 @@ class IOConfig(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for remote URLs (s3://): key, secret, endpoint_url ...; "
         "by default credentials and endpoint come from the standard AWS environment.")
+    star_version: Literal[4, 5] = Field(
+        5, description="picks.star for RELION 5 (rlnTomoName, rlnCenteredCoordinate*Angst from the tomogram's "
+        "centre) or RELION 4 (rlnCoordinate* in voxels); both state the pixel size in data_optics.")
     cache_dir: str | None = Field(
         "auto", description="Where workers keep a local copy of each remote MRC tomogram they read (one download "
         "instead of ranged reads per slab along every axis); auto: <temp dir>/cryosam-tomograms; null: no copy.")

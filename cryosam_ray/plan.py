@@ -28,7 +28,8 @@ from cryosam_ray.lease import OutputLease
 from cryosam_ray.particle import Pick
 from cryosam_ray.segmenters import check_segmenter
 from cryosam_ray.storage import filesystem, fingerprint, is_remote, join, read_bytes, write_bytes_atomic
-from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks, write_star
+from cryosam_ray.star import write_star
+from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, open_tomogram, tomogram_name
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,8 @@ def write_run_outputs(plan: Plan, records: dict[str, TomogramRecord], times: dic
     table = picks_table([p.row() for r in ordered if r.status in ("done", "skipped") for p in r.picks])
     options = cfg.io.storage_options
     files = write_picks(table, plan.out_dir)
-    files.append(write_star(table, join(plan.out_dir, "picks.star")))
+    files.append(write_star(table, join(plan.out_dir, "picks.star"), version=cfg.io.star_version,
+                            shapes={n: t.shape for n, t in plan.tomograms.items()}, storage_options=options))
     lost = sorted({p.cls for ps in plan.points.values() for p in ps} - set(classes)) if plan.todo else []
     for cls in lost:
         log.warning("class %s: none of its prompts gave a particle mask, so it was not searched for", cls)

@@ -79,8 +79,8 @@ def segment_tomogram(tomogram: Tomogram, points: list[Point], cfg: CryoSamConfig
 def run_segment(tomogram_url: str, prompts_path: str, out_dir: str, cfg: CryoSamConfig) -> SegmentOutput:
     """``cryosam segment``: write ``out_dir/picks.{parquet,csv}`` and ``out_dir/masks/<name>_instances.mrc``."""
     tomogram = open_tomogram(tomogram_url, voxel_size_a=cfg.io.voxel_size_a, storage_options=cfg.io.storage_options)
-    points = prompts_for(tomogram, read_prompts(prompts_path, voxel_size_a=tomogram.voxel_size_a),
-                         source=prompts_path)
+    points = prompts_for(tomogram, read_prompts(prompts_path, voxel_size_a=tomogram.voxel_size_a,
+                                                shapes={tomogram.name: tomogram.shape}), source=prompts_path)
     instances = segment_tomogram(tomogram, points, cfg)
     rows = instance_rows(tomogram, points, instances)
     table = picks_table(rows)

@@ -5,7 +5,8 @@ its centre at ``(z, y, x) == (k, j, i)`` (0-based). Voxel sizes are in Angstrom.
 
 * picks: ``picks.parquet`` + ``picks.csv`` with :data:`PICK_COLUMNS`;
 * truth: CSV/Parquet ``tomogram,class,instance_id,z,y,x,radius[,voxel_size_a]`` (radius in voxels);
-* prompts: CSV (voxels), RELION STAR (pixels == voxels) or copick JSON (Angstrom).
+* prompts: CSV (voxels), RELION STAR (read and written by :mod:`cryosam_ray.star`) or copick
+  JSON (Angstrom).
 
 RELION convention: ``rlnCoordinateX/Y/Z`` are written and read as the 0-based voxel position of
 the tomogram being picked (``X = x``, ``Y = y``, ``Z = z``, no +1 offset), so a round trip is
@@ -22,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import fsspec
@@ -93,6 +93,14 @@ def centered_angstrom_to_zyx(xa, ya, za, shape_zyx, voxel_size_a):
     d, h, w = (float(n) for n in shape_zyx)
     return (angstrom_to_voxels(za, voxel_size_a) + d / 2, angstrom_to_voxels(ya, voxel_size_a) + h / 2,
             angstrom_to_voxels(xa, voxel_size_a) + w / 2)
+
+
+def zyx_to_centered_angstrom(z, y, x, shape_zyx, voxel_size_a):
+    """Voxel ``(z, y, x)`` -> RELION 5 ``(X, Y, Z)`` Angstrom from the centre; inverse of
+    :func:`centered_angstrom_to_zyx`."""
+    d, h, w = (float(n) for n in shape_zyx)
+    return (voxels_to_angstrom(x - w / 2, voxel_size_a), voxels_to_angstrom(y - h / 2, voxel_size_a),
+            voxels_to_angstrom(z - d / 2, voxel_size_a))
 
 
 def _check_voxel_size(voxel_size_a):
@@ -224,7 +232,9 @@ def read_prompts(path: str, *, voxel_size_a: float | dict[str, float] | None = N
     if suffix == ".csv":
         points = _csv_prompts(path, data, default_class)
     elif suffix == ".star":
-        points = _star_prompts(path, data.decode("utf-8", "replace"), voxel_size_a, shapes, default_class)
+        from cryosam_ray.star import read_star_prompts  # the STAR module builds on this one
+
+        points = read_star_prompts(path, data.decode("utf-8", "replace"), voxel_size_a, shapes, default_class)
     else:
         points = _copick_prompts(path, data, voxel_size_a, default_class)
     if not points:
@@ -241,48 +251,6 @@ def _csv_prompts(path: str, data: bytes, default_class: str) -> list[Point]:
            else [default_class] * table.num_rows)
     zyx = [_column(table, name, "float", path).to_numpy() for name in ("z", "y", "x")]
     return [Point(t, float(z), float(y), float(x), c) for t, z, y, x, c in zip(tomos, *zyx, cls)]
-
-
-def _star_prompts(path, text, voxel_size_a, shapes, default_class) -> list[Point]:
-    tables, class_names = _parse_star(path, text)
-    coord = next((t for t in tables if "rlnCoordinateX" in t[1]), None)
-    centred = next((t for t in tables if "rlnCenteredCoordinateXAngst" in t[1]), None)
-    block, labels, rows = coord or centred or (None, [], [])
-    if block is None:
-        found = "; ".join(f"data_{b}: {ls}" for b, ls, _ in tables) or "no loop_ tables"
-        raise TableError(path, f"no data block with rlnCoordinateX/Y/Z or rlnCenteredCoordinateXAngst; found {found}")
-    axes = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ") if coord else tuple(
-        f"rlnCenteredCoordinate{a}Angst" for a in "XYZ")
-    _require(labels, axes, f"{path} (data_{block})")
-    name_label = next((n for n in ("rlnTomoName", "rlnMicrographName") if n in labels), None)
-    if name_label is None:
-        raise TableError(path, f"data_{block} names no tomogram: expected rlnTomoName or "
-                               f"rlnMicrographName, found {labels}")
-    if not rows:
-        raise TableError(path, f"data_{block} has no rows")
-    table = pa.table({label: [r[i] for r in rows] for i, label in enumerate(labels)})
-    where = f"{path} (data_{block})"
-    xs, ys, zs = (_column(table, a, "float", where).to_numpy() for a in axes)
-    tomos = [tomogram_stem(t) for t in table.column(name_label).to_pylist()]
-    if "rlnClassNumber" in labels:
-        numbers = [str(v) for v in _column(table, "rlnClassNumber", "int", where).to_pylist()]
-        classes = [class_names.get(n, n) for n in numbers]
-    else:
-        classes = [default_class] * len(tomos)
-    points = []
-    for i, tomo in enumerate(tomos):
-        if coord:
-            z, y, x = star_xyz_to_zyx(xs[i], ys[i], zs[i])
-        else:
-            if not shapes or tomo not in shapes:
-                raise TableError(path, f"RELION 5 centred coordinates need the shape of tomogram {tomo!r} "
-                                       "(pass --tomogram / shapes={name: (D, H, W)})")
-            vs = _voxel_size_for(tomo, voxel_size_a)
-            if vs is None:
-                raise TableError(path, f"RELION 5 centred coordinates (Angstrom) need the voxel size of {tomo!r}")
-            z, y, x = centered_angstrom_to_zyx(xs[i], ys[i], zs[i], shapes[tomo], vs)
-        points.append(Point(tomo, float(z), float(y), float(x), classes[i]))
-    return points
 
 
 def _copick_prompts(path, data, voxel_size_a, default_class) -> list[Point]:
@@ -317,35 +285,6 @@ def _copick_prompts(path, data, voxel_size_a, default_class) -> list[Point]:
 
 
 # ----------------------------------------------------------------------------- writers
-
-def write_star(table: pa.Table, path: str, *, cls: str | None = None) -> str:
-    """Write picks as a RELION STAR file (``data_particles``) and return its path.
-
-    Columns: ``rlnTomoName``, ``rlnCoordinateX/Y/Z`` (0-based voxel == pixel coordinates),
-    ``rlnAutopickFigureOfMerit`` (score) and ``rlnClassNumber`` (1, 2, ... over sorted class
-    names, spelled out in ``# cryosam_class N NAME`` header comments that :func:`read_prompts`
-    reads back). ``cls`` keeps only that class.
-    """
-    table = validate_picks(table)
-    if cls is not None:
-        table = table.filter(pc.equal(table.column("class"), cls))
-        if not table.num_rows:
-            log.warning("write_star: no picks of class %r; writing an empty %s", cls, path)
-    names = sorted(set(table.column("class").to_pylist()))
-    number = {name: i + 1 for i, name in enumerate(names)}
-    lines = ["", "# version 30001", "# cryosam_ray picks: rlnCoordinateX/Y/Z are 0-based voxel coordinates",
-             *(f"# cryosam_class {number[n]} {n}" for n in names), "", "data_particles", "", "loop_"]
-    labels = ("rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
-              "rlnAutopickFigureOfMerit", "rlnClassNumber")
-    lines += [f"_{label} #{i + 1}" for i, label in enumerate(labels)]
-    cols = {n: table.column(n).to_pylist() for n in ("tomogram", "class", "z", "y", "x", "score")}
-    for i in range(table.num_rows):
-        x, y, z = zyx_to_star_xyz(cols["z"][i], cols["y"][i], cols["x"][i])
-        tomo = cols["tomogram"][i]
-        tomo = f'"{tomo}"' if not tomo or re.search(r"\s", tomo) else tomo
-        lines.append(f"{tomo} {x!r} {y!r} {z!r} {cols['score'][i]!r} {number[cols['class'][i]]}")
-    return write_bytes_atomic(str(path), ("\n".join(lines) + "\n\n").encode())
-
 
 def write_copick(table: pa.Table, out_dir: str, *, user_id: str = "cryosam", session_id: str = "0") -> list[str]:
     """Write picks in copick layout and return the files written.
@@ -497,35 +436,3 @@ def _column(table: pa.Table, name: str, kind: str, source: str, *, empty=None) -
     return pa.array([float(v) for v in col.to_pylist()], type=pa.float64())
 
 
-def _parse_star(path: str, text: str):
-    """Parse STAR text into ``([(block, labels, rows)], {class number: class name})`` (loops only)."""
-    tables, class_names = [], {}
-    block, labels, rows, state = None, [], [], None
-    token = re.compile(r'"[^"]*"|\'[^\']*\'|\S+')
-    for lineno, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            m = re.match(r"#\s*cryosam_class\s+(\S+)\s+(.+)$", s)
-            if m:
-                class_names[m.group(1)] = m.group(2).strip()
-            continue
-        if s.startswith("data_") and len(s.split()) == 1:  # a row may start with a data_... path
-            block, state = s[5:], None
-        elif s.startswith("loop_"):
-            labels, rows, state = [], [], "labels"
-            tables.append((block, labels, rows))
-        elif s.startswith("_"):
-            if state == "labels":
-                labels.append(s.split()[0][1:])
-            else:  # a key-value pair (data_general, ...): not needed, ends any loop
-                state = None
-        elif state in ("labels", "rows"):
-            state = "rows"
-            values = [v[1:-1] if v[:1] in "\"'" and len(v) > 1 else v for v in token.findall(s)]
-            if len(values) != len(labels):
-                raise TableError(path, f"line {lineno}: expected {len(labels)} values for data_{block}, "
-                                       f"found {len(values)}")
-            rows.append(values)
-        else:
-            raise TableError(path, f"line {lineno}: unexpected text outside a loop_: {s[:60]!r}")
-    return tables, class_names

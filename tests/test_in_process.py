@@ -59,8 +59,10 @@ def test_run_writes_every_output(dataset, run_dir):
                                       from_csv.column(name).to_numpy(zero_copy_only=False))
     assert set(picks.column("tomogram").to_pylist()) == {"synth_000", "synth_001"}
     assert set(picks.column("class").to_pylist()) == {"ribosome"}
-    star = read_prompts(str(run_dir / "picks.star"))
+    shapes = {n: read_mrc(data / f"{n}.mrc")[0].shape for n in ("synth_000", "synth_001")}
+    star = read_prompts(str(run_dir / "picks.star"), voxel_size_a=10.0, shapes=shapes)  # RELION 5: centred A
     assert len(star) == picks.num_rows
+    np.testing.assert_allclose([p.x for p in star], picks.column("x").to_numpy(), atol=1e-9)
     for name in ("synth_000", "synth_001"):
         labels, voxel = read_mrc(run_dir / "masks" / f"{name}_instances.mrc")
         semantic, _ = read_mrc(run_dir / "masks" / f"{name}_semantic.mrc")

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cryosam_ray.errors import TableError
+from cryosam_ray.star import write_star
 from cryosam_ray.tables import (
     PICK_COLUMNS,
     PICKS_SCHEMA,
@@ -28,7 +29,6 @@ from cryosam_ray.tables import (
     voxels_to_angstrom,
     write_copick,
     write_picks,
-    write_star,
     zyx_to_star_xyz,
 )
 
@@ -322,7 +322,7 @@ def test_read_prompts_star_malformed(tmp_path, content, message):
 
 
 def test_star_round_trip_exact(tmp_path, picks):
-    path = write_star(picks, str(tmp_path / "picks.star"))
+    path = write_star(picks, str(tmp_path / "picks.star"), version=4)
     points = read_prompts(path)
     assert np.array_equal(_zyx(points), _table_zyx(picks))  # exact, not approximate
     assert [p.tomogram for p in points] == picks.column("tomogram").to_pylist()
@@ -330,7 +330,7 @@ def test_star_round_trip_exact(tmp_path, picks):
 
 
 def test_write_star_class_filter(tmp_path, picks):
-    path = write_star(picks, str(tmp_path / "ribo.star"), cls="ribosome")
+    path = write_star(picks, str(tmp_path / "ribo.star"), cls="ribosome", version=4)
     text = open(path).read()
     assert "data_particles" in text and "_rlnCoordinateX" in text and "_rlnAutopickFigureOfMerit" in text
     points = read_prompts(path)
