@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--incremental", action="store_true", help="process only tomograms without finished outputs "
                      "in --out (nightly runs over a growing folder); run.json lists new, done, skipped, failed")
     run.add_argument("--voxel-size", type=float, help="voxel size in Angstrom instead of the headers'")
+    run.add_argument("--mask-format", choices=("mrc", "ome-zarr"), help="masks as MRC (default) or OME-Zarr "
+                     "multiscale label images for napari / neuroglancer (config io.mask_format)")
     run.add_argument("--star-version", type=int, choices=(4, 5), help="picks.star for RELION 5 (centred "
                      "Angstrom, the default) or RELION 4 (voxels) (config io.star_version)")
     run.add_argument("--wait-for-lock", action="store_true", help="when another run holds --out, wait for it "
@@ -196,7 +198,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, {"io.voxel_size_a": args.voxel_size, "ray.address": args.address,
-                       "io.star_version": args.star_version})
+                       "io.star_version": args.star_version, "io.mask_format": args.mask_format})
     with _run_log(args.out, cfg.io.storage_options):
         return _run(args, cfg)
 

@@ -34,6 +34,9 @@ class IOConfig(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for remote URLs (s3://): key, secret, endpoint_url ...; "
         "by default credentials and endpoint come from the standard AWS environment.")
+    mask_format: Literal["mrc", "ome-zarr"] = Field(
+        "mrc", description="Instance and semantic masks as MRC, or as OME-Zarr multiscale label images (OME-NGFF "
+        "0.4: napari-ome-zarr and neuroglancer open them; written chunk by chunk).")
     star_version: Literal[4, 5] = Field(
         5, description="picks.star for RELION 5 (rlnTomoName, rlnCenteredCoordinate*Angst from the tomogram's "
         "centre) or RELION 4 (rlnCoordinate* in voxels); both state the pixel size in data_optics.")

@@ -267,7 +267,7 @@ def finish_tomogram(header: TomogramHeader, particles: list[Particle], classes: 
     tomo = open_with_stats(header, cfg)
     options = cfg.io.storage_options
     picks = picks_of(tomo, particles)
-    files = write_masks(out_dir, tomo, particles, classes, storage_options=options)
+    files = write_masks(out_dir, tomo, particles, classes, mask_format=cfg.io.mask_format, storage_options=options)
     labels = open_tomogram(files[0], voxel_size_a=tomo.voxel_size_a, storage_options=options)  # read by slabs
     files.append(write_preview(out_dir, tomo, labels, picks, classes, storage_options=options))
     return TomogramResult(picks, files)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryosam_ray.ome_zarr import write_label_image
 from cryosam_ray.particle import Particle, Pick
 from cryosam_ray.propagation import Instance
 from cryosam_ray.storage import join
@@ -35,18 +36,24 @@ def label_volume(shape: tuple[int, int, int], instances: list[Instance], ids: li
 
 
 def write_masks(out_dir: str, tomogram: Tomogram, particles: list[Particle], classes: list[str], *,
-                storage_options: dict | None = None) -> list[str]:
-    """``masks/<name>_instances.mrc`` (ids as in the picks table) and ``masks/<name>_semantic.mrc``
-    (1 + the class's index in ``classes``, 0 = background). Returns the URLs written."""
+                mask_format: str = "mrc", storage_options: dict | None = None) -> list[str]:
+    """``masks/<name>_instances.<mrc|ome.zarr>`` (ids as in the picks table) and
+    ``masks/<name>_semantic.<...>`` (1 + the class's index in ``classes``, 0 = background),
+    written piece by piece (never a whole volume in memory). Returns the URLs written."""
     base = join(out_dir, "masks", tomogram.name)
-    live = [p.instance for p in particles if not p.instance.empty]
-    ids = [n for n, p in enumerate(particles, start=1) if not p.instance.empty]
-    kinds = [1 + classes.index(p.cls) for p in particles if not p.instance.empty]
+    live = [(n, p) for n, p in enumerate(particles, start=1) if not p.instance.empty]
+    instances = [(p.instance.bbox, p.instance.mask, n) for n, p in live]
+    kinds = [(p.instance.bbox, p.instance.mask, 1 + classes.index(p.cls)) for _, p in live]
+    if mask_format == "ome-zarr":
+        return [write_label_image(f"{base}_instances.ome.zarr", tomogram.shape, instances, tomogram.voxel_size_a,
+                                  name=f"{tomogram.name} instances", storage_options=storage_options),
+                write_label_image(f"{base}_semantic.ome.zarr", tomogram.shape, kinds, tomogram.voxel_size_a,
+                                  dtype=np.uint16, name=f"{tomogram.name} classes", storage_options=storage_options)]
     wide = np.uint16 if len(particles) < 2**16 else np.float32  # MRC has no 32-bit integer mode
-    return [write_labels_mrc(f"{base}_instances.mrc", tomogram.shape, [(i.bbox, i.mask, n) for i, n in zip(live, ids)],
-                             tomogram.voxel_size_a, dtype=wide, storage_options=storage_options),
-            write_labels_mrc(f"{base}_semantic.mrc", tomogram.shape, [(i.bbox, i.mask, k) for i, k in zip(live, kinds)],
-                             tomogram.voxel_size_a, dtype=np.int16, storage_options=storage_options)]
+    return [write_labels_mrc(f"{base}_instances.mrc", tomogram.shape, instances, tomogram.voxel_size_a, dtype=wide,
+                             storage_options=storage_options),
+            write_labels_mrc(f"{base}_semantic.mrc", tomogram.shape, kinds, tomogram.voxel_size_a, dtype=np.int16,
+                             storage_options=storage_options)]
 
 
 def write_preview(out_dir: str, tomogram: Tomogram, labels, picks: list[Pick], classes: list[str], *,
