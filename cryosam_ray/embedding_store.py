@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cryosam_ray.storage import DoneFlags, filesystem, join, open_group, retry_on_race
+from cryosam_ray.storage import DoneFlags, filesystem, join, open_group, require_array
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,8 @@ class EmbeddingStore:
             if axis not in (0, 1, 2):
                 raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
             n, g = self.volume_shape[axis], self._group
-            emb = retry_on_race(lambda: g.require_array(f"axis{axis}", shape=(n, *self.embedding_shape),
-                                                         dtype="float16", chunks=(1, *self.embedding_shape),
-                                                         fill_value=0))
+            emb = require_array(g, f"axis{axis}", shape=(n, *self.embedding_shape), dtype="float16",
+                                chunks=(1, *self.embedding_shape), fill_value=0)
             done = DoneFlags.create(g, f"done{axis}", n, reset=False)
             self._arrays[axis] = (emb, done)
         return self._arrays[axis]

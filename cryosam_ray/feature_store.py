@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from cryosam_ray.storage import DoneFlags, join, open_group
+from cryosam_ray.storage import DoneFlags, create_array, join, open_group
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class FeatureStore:
                 return array
             log.warning("%s/%s has shape %s, expected %s: recomputing", self.url, name, array.shape, (n, *grid, channels))
         DoneFlags.create(self.group, done, -(-n // shard_slices), reset=True)
-        return self.group.create_array(name, shape=(n, *grid, channels), dtype="float16",
-                                       chunks=(shard_slices, *grid, channels), fill_value=0, overwrite=True)
+        return create_array(self.group, name, shape=(n, *grid, channels), dtype="float16",
+                            chunks=(shard_slices, *grid, channels), fill_value=0, overwrite=True)
 
     def axis_array(self, axis: int):
         return self.group[f"axis{axis}"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryosam_ray.storage import zarr_store
+from cryosam_ray.storage import create_array, open_group
 
 CHUNK = 64
 
@@ -26,18 +26,17 @@ def write_label_image(url: str, shape: tuple[int, int, int], masks, voxel_size_a
             box's shape, the label (> 0) written where the mask is set and no earlier label is.
         levels: pyramid levels (default: halve until the smallest side is under 2 chunks).
     """
-    import zarr
-
     shape = tuple(int(s) for s in shape)
     if levels is None:
         levels = 1
         while min(shape) // 2**levels >= 2 * CHUNK:
             levels += 1
-    group = zarr.open_group(store=zarr_store(url, storage_options), mode="w", zarr_format=2)
+    group = open_group(url, "w", storage_options, zarr_format=2)
     arrays = []
     for k in range(levels):
         level_shape = tuple(-(-s // 2**k) for s in shape)
-        arrays.append(_create(group, str(k), level_shape, dtype))
+        arrays.append(create_array(group, str(k), shape=level_shape, dtype=dtype,
+                                   chunks=tuple(min(CHUNK, s) for s in level_shape)))
     full = arrays[0]
     for (z0, y0, x0, z1, y1, x1), mask, label in masks:
         region = np.asarray(full[z0:z1, y0:y1, x0:x1])
@@ -50,13 +49,6 @@ def write_label_image(url: str, shape: tuple[int, int, int], masks, voxel_size_a
             target[z:stop] = np.asarray(full[z * step:stop * step:step, ::step, ::step])
     group.attrs.update(_metadata(name, levels, voxel_size_a))
     return url
-
-
-def _create(group, name: str, shape, dtype):
-    chunks = tuple(min(CHUNK, s) for s in shape)
-    if hasattr(group, "create_array"):  # zarr 3
-        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
-    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)  # zarr 2
 
 
 def _metadata(name: str, levels: int, voxel_size_a: float) -> dict:

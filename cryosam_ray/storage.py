@@ -167,20 +167,55 @@ def local_copy(url: str, cache_dir: str, storage_options: dict | None = None) ->
     return write_file_atomic(target, lambda local: retried(lambda: fs.get_file(path, local), url))
 
 
+# zarr 2 and zarr 3 both work (copick's stack pins zarr 2): every zarr call of the package that
+# differs between them goes through the few functions below.
+
+def zarr_major() -> int:
+    import zarr
+
+    return int(zarr.__version__.split(".")[0])
+
+
 def zarr_store(url: str, storage_options: dict | None = None):
     """What ``zarr.open_group`` takes for ``url``: a local path, or an fsspec store for remote URLs."""
     if not is_remote(url):
         return filesystem(url)[1]
+    if zarr_major() < 3:
+        return fsspec.get_mapper(str(url), **(storage_options or {}))
     import zarr
 
     return zarr.storage.FsspecStore.from_url(str(url), storage_options=storage_options or {})
 
 
-def open_group(url: str, mode: str = "a", storage_options: dict | None = None):
-    """The zarr group at ``url`` (``mode``: "r", "r+" or "a"); a concurrent creator is tolerated."""
+def open_group(url: str, mode: str = "a", storage_options: dict | None = None, *, zarr_format: int | None = None):
+    """The zarr group at ``url`` (``mode``: "r", "r+", "a" or "w"); a concurrent creator is tolerated.
+
+    ``zarr_format``: 2 or 3 for a new group under zarr 3 (zarr 2 writes only format 2).
+    """
     import zarr
 
-    return retry_on_race(lambda: zarr.open_group(store=zarr_store(url, storage_options), mode=mode))
+    extra = {"zarr_format": zarr_format} if zarr_format and zarr_major() >= 3 else {}
+    return retry_on_race(lambda: zarr.open_group(store=zarr_store(url, storage_options), mode=mode, **extra))
+
+
+def create_array(group, name: str, *, shape, dtype, chunks, fill_value=0, overwrite: bool = False):
+    """A new array ``name`` in ``group`` (replacing one with ``overwrite``)."""
+    if hasattr(group, "create_array"):  # zarr 3
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
+                                  overwrite=overwrite)
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
+                                overwrite=overwrite)
+
+
+def require_array(group, name: str, *, shape, dtype, chunks, fill_value=0):
+    """Array ``name`` of ``group``, created when absent (idempotent across workers)."""
+    if hasattr(group, "require_array"):  # zarr 3
+        make = lambda: group.require_array(name, shape=shape, dtype=dtype, chunks=chunks,  # noqa: E731
+                                           fill_value=fill_value)
+    else:
+        make = lambda: group.require_dataset(name, shape=shape, dtype=dtype, chunks=chunks,  # noqa: E731
+                                             fill_value=fill_value, exact=False)
+    return retry_on_race(make)
 
 
 def retry_on_race(create):
@@ -208,11 +243,10 @@ class DoneFlags:
     def create(cls, group, name: str, count: int, *, reset: bool) -> "DoneFlags":
         """The flags ``name`` in ``group`` (``count`` of them); ``reset`` clears existing ones."""
         if reset:
-            array = group.create_array(name, shape=(count,), dtype=bool, chunks=(1,), fill_value=False,
-                                       overwrite=True)
+            array = create_array(group, name, shape=(count,), dtype=bool, chunks=(1,), fill_value=False,
+                                 overwrite=True)
         else:
-            array = retry_on_race(lambda: group.require_array(name, shape=(count,), dtype=bool, chunks=(1,),
-                                                              fill_value=False))
+            array = require_array(group, name, shape=(count,), dtype=bool, chunks=(1,), fill_value=False)
         return cls(array)
 
     def __len__(self) -> int:

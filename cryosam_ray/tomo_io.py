@@ -30,7 +30,7 @@ from cryosam_ray.errors import (
     NotAVolumeError,
     TomogramNotFoundError,
 )
-from cryosam_ray.storage import fingerprint, is_remote, join, local_copy, write_file_atomic
+from cryosam_ray.storage import fingerprint, is_remote, join, local_copy, write_file_atomic, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +403,8 @@ def write_zarr(url: str | os.PathLike, volume: np.ndarray, voxel_size_a: float, 
     if volume.ndim != 3:
         raise ValueError(f"write_zarr({url}): expected a 3D ZYX array, got shape {volume.shape}")
     chunks = tuple(min(c, max(1, s)) for c, s in zip(chunks, volume.shape))
-    store = url if not is_remote(url) else fsspec.get_mapper(url)
-    array = zarr.create_array(store=store, shape=volume.shape, dtype=volume.dtype, chunks=chunks,
-                              overwrite=True)
+    array = zarr.open_array(store=zarr_store(url), mode="w", shape=volume.shape, dtype=volume.dtype,
+                            chunks=chunks)  # the same call on zarr 2 and 3
     array[:] = volume
     array.attrs["voxel_size_a"] = float(voxel_size_a)
     return url

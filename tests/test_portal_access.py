@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-import zarr
 
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.plan import expand_tomograms
-from cryosam_ray.storage import zarr_store
+from cryosam_ray.storage import create_array, open_group
 from cryosam_ray.tomo_io import open_tomogram
 
 
 def _ome_zarr(url: str, volume: np.ndarray, voxel_size_a: float) -> None:
     """An OME-NGFF 0.4 multiscale image with one level, as the portal publishes tomograms."""
     public = {"s3_additional_kwargs": {"ACL": "public-read"}}
-    group = zarr.open_group(store=zarr_store(url, public), mode="w", zarr_format=2)
-    group.create_array("0", shape=volume.shape, dtype=volume.dtype, chunks=(8, 16, 16))[:] = volume
+    group = open_group(url, "w", public, zarr_format=2)
+    create_array(group, "0", shape=volume.shape, dtype=volume.dtype, chunks=(8, 16, 16))[:] = volume
     group.attrs["multiscales"] = [{
         "version": "0.4", "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in "zyx"],
         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [voxel_size_a] * 3}]}]}]

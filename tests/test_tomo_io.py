@@ -78,11 +78,11 @@ def test_zarr_array_and_ome_zarr(tmp_path, small_volume):
     assert tomo.name == "TS_02" and tomo.voxel_size_a == 8.0
     np.testing.assert_array_equal(tomo.slab("x", 2, 5), np.moveaxis(small_volume[:, :, 2:5], 2, 0))
 
-    import zarr
+    from cryosam_ray.storage import create_array, open_group
 
     ome = tmp_path / "TS_03.ome.zarr"
-    group = zarr.open_group(str(ome), mode="w")
-    group.create_array("0", data=small_volume, chunks=(8, 8, 8))
+    group = open_group(str(ome), "w")
+    create_array(group, "0", shape=small_volume.shape, dtype=small_volume.dtype, chunks=(8, 8, 8))[:] = small_volume
     group.attrs["multiscales"] = [{
         "version": "0.4",
         "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
@@ -97,7 +97,7 @@ def test_zarr_without_voxel_size_needs_an_override(tmp_path, small_volume):
     import zarr
 
     path = tmp_path / "bare.zarr"
-    zarr.create_array(store=str(path), data=small_volume)
+    zarr.open_array(store=str(path), mode="w", shape=small_volume.shape, dtype=small_volume.dtype)[:] = small_volume
     with pytest.raises(BadVoxelSizeError, match="bare.zarr"):
         open_tomogram(path)
     assert open_tomogram(path, voxel_size_a=9.0).voxel_size_a == 9.0
