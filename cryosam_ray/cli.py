@@ -193,7 +193,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     found = sum(not inst.empty for inst in output.instances)
     report = write_report(args.out, storage_options=cfg.io.storage_options)
     print(f"segmented {found} of {len(output.instances)} prompts; wrote {', '.join(output.files + [report])}")
-    return 0
+    return 0 if found else 1  # no mask at all: the outputs are there, but the command did not do its job
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -35,11 +35,11 @@ from cryosam_ray.matching import Proposals
 from cryosam_ray.particle import ClassQuery, Particle, Pick, QueryPart
 from cryosam_ray.segmenters import build_segmenter
 from cryosam_ray.stages.match import match_classes
-from cryosam_ray.stages.outputs import picks_of, write_masks, write_preview
+from cryosam_ray.stages.outputs import output_urls, picks_of, write_masks, write_preview
 from cryosam_ray.stages.particles import particles_of_tomogram
 from cryosam_ray.stages.prompts import segment_prompts
 from cryosam_ray.stages.query import query_parts
-from cryosam_ray.storage import retried
+from cryosam_ray.storage import remove, retried
 from cryosam_ray.tables import Point
 from cryosam_ray.tomo_io import Tomogram, VolumeStats, open_tomogram
 
@@ -267,7 +267,13 @@ def finish_tomogram(header: TomogramHeader, particles: list[Particle], classes: 
     tomo = open_with_stats(header, cfg)
     options = cfg.io.storage_options
     picks = picks_of(tomo, particles)
-    files = write_masks(out_dir, tomo, particles, classes, mask_format=cfg.io.mask_format, storage_options=options)
-    labels = open_tomogram(files[0], voxel_size_a=tomo.voxel_size_a, storage_options=options)  # read by slabs
-    files.append(write_preview(out_dir, tomo, labels, picks, classes, storage_options=options))
+    planned = output_urls(out_dir, tomo.name, cfg.io.mask_format)
+    try:
+        files = write_masks(out_dir, tomo, particles, classes, mask_format=cfg.io.mask_format,
+                            storage_options=options)
+        labels = open_tomogram(files[0], voxel_size_a=tomo.voxel_size_a, storage_options=options)  # read by slabs
+        files.append(write_preview(out_dir, tomo, labels, picks, classes, storage_options=options))
+    except BaseException:  # a full disk, a lost bucket: leave no half of this tomogram's outputs behind
+        remove(planned, options)
+        raise
     return TomogramResult(picks, files)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -182,6 +183,22 @@ def group_prompts(points: list[Point], names: set[str], source: str) -> dict[str
     return dict(by_tomo)
 
 
+def check_prompts(by_tomo: dict[str, list[Point]], tomograms: dict[str, Tomogram], source: str) -> None:
+    """Every prompt has finite coordinates inside its tomogram (PromptError naming the first few that do not)."""
+    bad = []
+    for name, points in by_tomo.items():
+        shape = tomograms[name].shape
+        for p in points:
+            zyx = (p.z, p.y, p.x)
+            if not all(math.isfinite(v) for v in zyx):
+                bad.append(f"{name} ({p.z}, {p.y}, {p.x}): not a number")
+            elif not all(-0.5 <= v <= n - 0.5 for v, n in zip(zyx, shape)):
+                bad.append(f"{name} (z={p.z:g}, y={p.y:g}, x={p.x:g}): outside its volume of shape {shape} (z, y, x)")
+    if bad:
+        raise PromptError(f"{source}: {len(bad)} prompt(s) cannot be used: {'; '.join(bad[:5])}; coordinates are "
+                          f"0-based voxels (z, y, x) of the tomogram the row names")
+
+
 def result_signature(cfg: CryoSamConfig, prompts_digest: str, input_fingerprint: dict) -> str:
     """Everything a tomogram's picks depend on: its input, the prompts and the settings used."""
     settings = cfg.model_dump(mode="json", include={"io", "segmenter", "propagation", "encoder", "matching",
@@ -248,7 +265,7 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
     options = cfg.io.storage_options
     check_encoder(cfg.encoder, options)
     check_segmenter(cfg.segmenter, options)
-    tomograms, records = {}, {}
+    tomograms, records, new = {}, {}, []
     for url in expand_tomograms(specs, options):
         try:
             tomo = open_tomogram(url, voxel_size_a=cfg.io.voxel_size_a, storage_options=options)
@@ -256,14 +273,18 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
         except CryoSamError as exc:
             if fail_fast:
                 raise
-            log.error("%s failed: %s", tomogram_name(url), exc)
-            records[tomogram_name(url)] = TomogramRecord(tomogram_name(url), url).failed(str(exc))
-            write_record(out_dir, records[tomogram_name(url)], options)
+            name = tomogram_name(url)
+            log.error("%s failed: %s", name, exc)
+            if read_record(out_dir, name, options) is None:
+                new.append(name)
+            records[name] = TomogramRecord(name, url).failed(str(exc))
+            write_record(out_dir, records[name], options)
     points = read_prompts(prompts_path, voxel_size_a={n: t.voxel_size_a for n, t in tomograms.items()},
                           shapes={n: t.shape for n, t in tomograms.items()})
     by_tomo = group_prompts(points, set(tomograms), prompts_path)
+    check_prompts(by_tomo, tomograms, prompts_path)
     digest = hashlib.sha256(read_bytes(prompts_path, options)).hexdigest()
-    todo, new = [], []
+    todo = []
     for name, tomo in tomograms.items():
         signature = result_signature(cfg, digest, fingerprint(tomo.url, options))
         previous = read_record(out_dir, name, options)

@@ -136,6 +136,17 @@ def _write_local(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+def remove(urls, storage_options: dict | None = None) -> None:
+    """Delete what exists of ``urls`` (files or folders); for cleaning up after a failed write."""
+    for url in urls:
+        fs, path = filesystem(url, storage_options)
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except OSError:
+            pass  # best effort: the failure that led here is what gets reported
+
+
 def fingerprint(url: str, storage_options: dict | None = None) -> dict:
     """What identifies an input file without reading it: its URL, size and modification stamp."""
     fs, path = filesystem(url, storage_options)

@@ -176,3 +176,31 @@ def test_an_interrupted_run_stops_writes_what_is_done_and_resumes(dataset, tmp_p
                  str(prompts), "--out", str(out), "--address", "none", "--no-progress"]) == 0
     assert json.loads((out / "run.json").read_text())["counts"]["done"] + \
         json.loads((out / "run.json").read_text())["counts"]["skipped"] == 2
+
+
+def test_segment_exits_1_when_no_prompt_gives_a_mask(dataset, tmp_path, capsys):
+    _, data, _ = dataset
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("tomogram,z,y,x\nsynth_000,5,5,999\n")
+    assert main(["segment", "--tomogram", str(data / "synth_000.mrc"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "seg")]) == 1
+    assert "segmented 0 of 1" in capsys.readouterr().out
+
+
+def test_a_failed_write_leaves_none_of_the_tomograms_outputs(dataset, tmp_path, monkeypatch):
+    from cryosam_ray import job
+    from cryosam_ray.stages import outputs
+
+    _, data, prompts = dataset
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job, "write_preview", full_disk)  # after both masks were written
+    out = tmp_path / "out"
+    assert main(["run", "--tomograms", str(data / "synth_000.mrc"), "--prompts", str(prompts), "--out", str(out),
+                 "--address", "none", "--no-progress"]) == 1
+    assert not any((out / "masks").glob("synth_000*")) if (out / "masks").exists() else True
+    record = json.loads((out / "tomograms" / "synth_000.json").read_text())
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    assert outputs.output_urls(str(out), "synth_000", "mrc")[0].endswith("synth_000_instances.mrc")

@@ -118,3 +118,23 @@ def test_missing_weights_stop_the_run_before_any_work(tmp_path):
     dinov2 = CryoSamConfig.model_validate({"encoder": {"backend": "dinov2", "dinov2": {"model": "/no/dinov2"}}})
     with pytest.raises(WeightsError, match="/no/dinov2"):
         make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), dinov2)
+
+
+@pytest.mark.parametrize("row, message", [("TS_01,4,6,nan", "not a number"), ("TS_01,4,60,8", "outside its volume"),
+                                          ("TS_01,-3,6,8", "outside its volume")])
+def test_unusable_prompt_coordinates_are_named_before_any_work(tmp_path, row, message):
+    _mrc(tmp_path / "data" / "TS_01.mrc")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(f"tomogram,z,y,x\n{row}\n")
+    with pytest.raises(PromptError, match=message) as info:
+        make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
+    assert str(prompts) in str(info.value) and "(8, 12, 16)" in str(info.value) or message == "not a number"
+
+
+def test_an_unreadable_input_is_new_and_recorded(tmp_path):
+    _mrc(tmp_path / "data" / "TS_01.mrc")
+    (tmp_path / "data" / "TS_02.mrc").write_bytes(b"x" * 100)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("tomogram,z,y,x\nTS_01,4,6,8\n")
+    plan = make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
+    assert plan.new == ["TS_01", "TS_02"]

@@ -76,7 +76,7 @@ class _Run:
                 t = time.perf_counter()
                 parts += prompt_query_parts(self.groups[name], prompts[name], cfg)
                 self.timer.add("parts", t)
-            except CryoSamError as exc:
+            except (CryoSamError, OSError) as exc:  # one tomogram's failure (a bad file, a full disk)
                 self._fail(name, exc)
         queries = combine_queries(parts)
         if not queries:
@@ -101,7 +101,7 @@ class _Run:
                                                      {cls: len(p) for cls, p in proposals.items()})
                 self.records[name] = record
                 write_record(self.plan.out_dir, record, cfg.io.storage_options)
-            except CryoSamError as exc:
+            except (CryoSamError, OSError) as exc:  # one tomogram's failure (a bad file, a full disk)
                 self._fail(name, exc)
             self.progress.add("tomograms", done=1)
         self.progress.close()
@@ -126,7 +126,7 @@ class _Run:
             self.timer.add("embed", t)
         self.headers[name], self.groups[name] = header, group.url
 
-    def _fail(self, name: str, exc: CryoSamError) -> None:
+    def _fail(self, name: str, exc: Exception) -> None:
         log.error("%s failed: %s", name, exc)
         self.failures[name] = str(exc)
         if self.fail_fast:

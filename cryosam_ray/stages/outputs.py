@@ -35,6 +35,13 @@ def label_volume(shape: tuple[int, int, int], instances: list[Instance], ids: li
     return labels
 
 
+def output_urls(out_dir: str, name: str, mask_format: str) -> list[str]:
+    """Every file :func:`write_masks` and :func:`write_preview` write for tomogram ``name``."""
+    suffix = ".ome.zarr" if mask_format == "ome-zarr" else ".mrc"
+    base = join(out_dir, "masks", name)
+    return [f"{base}_instances{suffix}", f"{base}_semantic{suffix}", join(out_dir, "previews", f"{name}.png")]
+
+
 def write_masks(out_dir: str, tomogram: Tomogram, particles: list[Particle], classes: list[str], *,
                 mask_format: str = "mrc", storage_options: dict | None = None) -> list[str]:
     """``masks/<name>_instances.<mrc|ome.zarr>`` (ids as in the picks table) and
