@@ -233,6 +233,16 @@ def run_gpu(args) -> None:
             "proposals": n_prop, "particles": len(found), "peak_gpu_memory_gib": peak, **counts}, indent=2))
 
 
+def _dataset(args, root: Path) -> tuple[Path, Path]:
+    """The benchmark's synthetic tomograms in ``root/data`` and their one-ribosome prompts file."""
+    from cryosam_ray.synth import SynthSettings, write_dataset
+
+    data = root / "data"
+    write_dataset(str(data), n=args.n, seed=11, settings=SynthSettings(shape=tuple(args.shape), snr=0.5,
+                                                                        use_real_maps=False))
+    return data, _prompts(data, root / "prompts.csv")
+
+
 def run_s3(args) -> None:
     """The same in-process job on local files and through a local S3 endpoint; prints the ratio."""
     import socket
@@ -242,7 +252,6 @@ def run_s3(args) -> None:
 
     from cryosam_ray.config import load_config
     from cryosam_ray.executors.in_process import run_in_process
-    from cryosam_ray.synth import SynthSettings, write_dataset
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -258,10 +267,7 @@ def run_s3(args) -> None:
         boto3.client("s3").create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            data = root / "data"
-            write_dataset(str(data), n=args.n, seed=11, settings=SynthSettings(shape=tuple(args.shape), snr=0.5,
-                                                                                use_real_maps=False))
-            prompts = _prompts(data, root / "prompts.csv")
+            data, prompts = _dataset(args, root)
             fs = fsspec.filesystem("s3")
             for path in sorted(data.glob("synth_*.mrc")):
                 if not path.name.endswith("_labels.mrc"):
@@ -323,14 +329,10 @@ def main() -> None:
 
     from cryosam_ray.config import load_config
     from cryosam_ray.executors.in_process import run_in_process
-    from cryosam_ray.synth import SynthSettings, write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = root / "data"
-        write_dataset(str(data), n=args.n, seed=11, settings=SynthSettings(shape=tuple(args.shape), snr=0.5,
-                                                                            use_real_maps=False))
-        prompts = _prompts(data, root / "prompts.csv")
+        data, prompts = _dataset(args, root)
 
         results = {}
         t = time.perf_counter()
