@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cryosam_ray.storage import DoneFlags, filesystem, join, open_group, require_array
+from cryosam_ray.storage import DoneFlags, join, open_group, require_array
 
 log = logging.getLogger(__name__)
 

@@ -127,8 +127,6 @@ def compute_features(tomogram, encoder, *, store_url: str | None = None, shard_s
     Shards already in the store under the same key are not recomputed (resume). With no store
     the maps stay in memory.
     """
-    from cryosam_ray.feature_store import FeatureStore
-
     encoder.fit(tomogram)
     if store_url:
         store = create_store(store_url, tomogram, encoder, shard_slices)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+
 
 import fsspec
 import mrcfile

@@ -19,7 +19,7 @@ from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, Tom
 from cryosam_ray.particle import Particle
 from cryosam_ray.plan import (Plan, RunSummary, StageTimes, claim_output, interruption, make_plan, no_query_error,
                               write_record, write_run_outputs)
-from cryosam_ray.progress import Progress
+from cryosam_ray.console import Progress
 from cryosam_ray.stages.query import combine_queries
 
 log = logging.getLogger(__name__)

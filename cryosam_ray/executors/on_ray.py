@@ -12,7 +12,7 @@ tomogram depend on each other (encode -> queries from every prompt tomogram -> m
 propagate -> write) and on a dataset-wide barrier (the queries), which an event loop over refs
 expresses directly; the loop also bounds what is in flight (shards, tomograms), so memory stays
 flat however large the dataset, and one tomogram is encoded while another is matched or
-propagated. Each tomogram's state is a small :class:`_Tomo`; :meth:`_RayRun._advance` holds
+propagated. Each tomogram's state is a small :class:`TomoState`; :meth:`_RayRun._advance` holds
 every rule that starts a stage, each with the reason for its guard.
 
 Faults: actors restart (``max_restarts``) and their calls are retried (``max_task_retries``);
@@ -22,30 +22,24 @@ work fails for good is recorded as failed with its reason while the others finis
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import logging
-import os
-import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
 
 import ray
 
 from cryosam_ray.config import CryoSamConfig, PoolConfig
+from cryosam_ray.console import Progress, stderr_to_log
 from cryosam_ray.errors import CryoSamError, RunInterrupted
-from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, Shard, TomogramHeader, embedding_shards,
-                             finish_tomogram, match_tomogram, open_feature_group, pinned, precomputes_embeddings,
-                             prompt_query_parts, tomogram_header)
+from cryosam_ray.executors.schedule import Event, Pending, StallError, TomoState
+from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, embedding_shards, finish_tomogram,
+                             match_tomogram, open_feature_group, pinned, precomputes_embeddings, prompt_query_parts,
+                             tomogram_header)
 from cryosam_ray.particle import ClassQuery
-from cryosam_ray.plan import (Plan, RunSummary, TomogramRecord, claim_output, interruption, make_plan, no_query_error,
-                              write_record, write_run_outputs)
-from cryosam_ray.progress import Progress
+from cryosam_ray.plan import (Plan, RunSummary, claim_output, interruption, make_plan, no_query_error, write_record,
+                              write_run_outputs)
 from cryosam_ray.stages.query import combine_queries
-from cryosam_ray.tables import Point
 
 log = logging.getLogger(__name__)
 
@@ -57,35 +51,11 @@ def connect(address: str, *, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        with _stderr_to_log("starting a local Ray"):  # Ray's own start-up notices go to run.log, not the console
+        with stderr_to_log("starting a local Ray", log):  # Ray's own start-up notices go to run.log, not the console
             ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
         return True
     ray.init(address=address, log_to_driver=False, configure_logging=False)
     return False
-
-
-@contextlib.contextmanager
-def _stderr_to_log(what: str):
-    """Send what native code writes to stderr (file descriptor 2) to the log at INFO meanwhile;
-    if the block fails, it goes back to stderr with the error."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        text = captured.read().decode(errors="replace").strip()
-        if text:
-            log.info("%s: %s", what, text)
 
 
 def fit_to_local_cpus(cfg: CryoSamConfig, total_cpus: float) -> CryoSamConfig:
@@ -152,69 +122,12 @@ class _Pool:
             self.outstanding[index] -= 1
 
 
-class StallError(CryoSamError):
-    """No work finished for ``ray.stall_timeout_s``: the cluster cannot place what is left."""
-
-
-class Event(enum.Enum):
-    """What a finished ref was."""
-
-    HEADER = "header"  # tomogram validated, statistics computed
-    LAYOUT = "layout"  # its feature layout under the encoder
-    SHARD = "encode"  # a feature shard committed
-    EMBED = "embed"  # a SAM embedding shard committed
-    PROMPTS = "prompts"  # its prompt particles segmented
-    PARTS = "parts"  # its share of the class queries
-    MATCH = "match"  # proposals of every class
-    FIND = "propagate"  # its particles found (proposals propagated)
-    FINISH = "finish"  # masks and preview written
-
-
-@dataclass
-class _Tomo:
-    """Where one tomogram stands in the run (counters count work not yet committed)."""
-
-    name: str
-    record: TomogramRecord
-    points: list[Point]
-    query_only: bool  # done before: only its prompts are needed, for the queries
-    header: TomogramHeader | None = None
-    group_url: str = ""
-    features_left: int | None = None  # None until its feature group is opened
-    embeddings_left: int = 0
-    prompts_ref: object = None
-    prompts_done: bool = False
-    parts_sent: bool = False
-    matched: bool = False
-    proposals_ref: object = None  # a match result waiting for the SAM embeddings
-    proposals: dict[str, int] = field(default_factory=dict)
-    closed: bool = False  # finished, failed, or (query_only) its parts are in
-    error: str = ""  # why it failed
-
-    @property
-    def encoded(self) -> bool:
-        return self.features_left == 0
-
-    @property
-    def embedded(self) -> bool:
-        return self.header is not None and self.embeddings_left == 0
-
-
-@dataclass
-class _Pending:
-    tomo: _Tomo
-    event: Event
-    slices: int = 0  # shards: slices, for the progress display
-    pool: _Pool | None = None
-    since: float = field(default_factory=time.perf_counter)
-
-
 class _RayRun:
     def __init__(self, plan: Plan, cfg: CryoSamConfig, fail_fast: bool, progress: bool):
         self.plan, self.cfg, self.fail_fast = plan, cfg, fail_fast
         self.out_dir, self.store = plan.out_dir, plan.feature_store(cfg)
-        self.tomos: dict[str, _Tomo] = {}
-        self.pending: dict = {}  # ref -> _Pending
+        self.tomos: dict[str, TomoState] = {}
+        self.pending: dict = {}  # ref -> Pending
         self.shard_queue: deque = deque()  # (tomo, event, shard)
         self.inflight_shards = 0
         self.queries: dict[str, ClassQuery] | None = None
@@ -241,8 +154,8 @@ class _RayRun:
                          Event.MATCH: self._on_match, Event.FIND: self._on_find, Event.FINISH: self._on_finish}
 
     # -- starting work -----------------------------------------------------------------------
-    def _submit(self, ref, t: _Tomo, event: Event, *, pool: _Pool | None = None, slices: int = 0) -> None:
-        self.pending[ref] = _Pending(t, event, slices, pool)
+    def _submit(self, ref, t: TomoState, event: Event, *, pool: _Pool | None = None, slices: int = 0) -> None:
+        self.pending[ref] = Pending(t, event, slices, pool)
 
     def _pump_shards(self) -> None:
         """Send queued shards while fewer than ``ray.max_inflight_shards`` are in flight (bounds memory)."""
@@ -258,7 +171,7 @@ class _RayRun:
                 self._submit(ref, t, event, pool=self.embedders, slices=shard.slices)
             self.inflight_shards += 1
 
-    def _advance(self, t: _Tomo) -> None:
+    def _advance(self, t: TomoState) -> None:
         """Start every stage of ``t`` whose inputs are ready."""
         if t.closed:
             return
@@ -284,7 +197,7 @@ class _RayRun:
             self._submit(ref, t, Event.FIND, pool=self.segmenters)
 
     # -- finished work -----------------------------------------------------------------------
-    def _on_header(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_header(self, t: TomoState, ref, slices: int) -> None:
         t.header = ray.get(ref)
         self._submit(self.encoders.call("describe", t.header), t, Event.LAYOUT, pool=self.encoders)
         if self.precompute:
@@ -293,44 +206,44 @@ class _RayRun:
             self.progress.add("embeddings", total=sum(s.slices for s in shards))
             self.shard_queue.extend((t, Event.EMBED, s) for s in shards)
 
-    def _on_layout(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_layout(self, t: TomoState, ref, slices: int) -> None:
         group = open_feature_group(ray.get(ref), t.header.url, self.store, self.cfg)
         t.group_url, t.features_left = group.url, len(group.missing)
         self.progress.add("slices", total=sum(s.slices for s in group.missing))
         self.shard_queue.extend((t, Event.SHARD, s) for s in group.missing)
 
-    def _on_shard(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_shard(self, t: TomoState, ref, slices: int) -> None:
         ray.get(ref)  # raises if the shard failed for good
         self.counts["shards_encoded"] += 1
         self.progress.add("slices", done=slices)
         t.features_left -= 1
 
-    def _on_embed(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_embed(self, t: TomoState, ref, slices: int) -> None:
         ray.get(ref)
         self.counts["embedding_shards"] += 1
         self.progress.add("embeddings", done=slices)
         t.embeddings_left -= 1
 
-    def _on_prompts(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_prompts(self, t: TomoState, ref, slices: int) -> None:
         t.prompts_done = True  # the particles stay in the object store: the parts and find tasks read them
         self.progress.add("prompts", done=len(t.points))
 
-    def _on_parts(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_parts(self, t: TomoState, ref, slices: int) -> None:
         self.parts += ray.get(ref)
         self.waiting_parts.discard(t.name)
         if t.query_only:
             self._close(t)
 
-    def _on_match(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_match(self, t: TomoState, ref, slices: int) -> None:
         t.proposals = {cls: len(p) for cls, p in ray.get(ref).items()}
         self.counts["proposals"] += sum(t.proposals.values())
         t.proposals_ref = ref  # propagated once the tomogram's SAM embeddings are in (see _advance)
 
-    def _on_find(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_find(self, t: TomoState, ref, slices: int) -> None:
         classes = sorted(self.queries)
         self._submit(self.finish_task.remote(t.header, ref, classes, self.out_dir, self.cfg), t, Event.FINISH)
 
-    def _on_finish(self, t: _Tomo, ref, slices: int) -> None:
+    def _on_finish(self, t: TomoState, ref, slices: int) -> None:
         result = ray.get(ref)
         t.record = t.record.finished(result.picks, result.files, t.proposals)
         write_record(self.out_dir, t.record, self.cfg.io.storage_options)
@@ -359,7 +272,7 @@ class _RayRun:
             if not t.closed:
                 self._on_failure(t, StallError(message))
 
-    def _close(self, t: _Tomo) -> None:
+    def _close(self, t: TomoState) -> None:
         """``t`` needs nothing more: its slot goes to the next tomogram."""
         t.closed = True
         self.active -= 1
@@ -373,7 +286,7 @@ class _RayRun:
             for t in self.tomos.values():
                 self._advance(t)
 
-    def _on_failure(self, t: _Tomo, exc: BaseException) -> None:
+    def _on_failure(self, t: TomoState, exc: BaseException) -> None:
         cause = getattr(exc, "cause", None) or exc
         message = str(cause) if isinstance(cause, CryoSamError) else f"{type(cause).__name__}: {cause}"
         log.error("%s failed: %s", t.name, message)
@@ -391,7 +304,7 @@ class _RayRun:
     def run(self) -> None:
         plan = self.plan
         for name in plan.prompt_tomograms + [n for n in plan.todo if not plan.points.get(n)]:
-            self.tomos[name] = _Tomo(name, plan.records[name], plan.points.get(name, []), name in plan.query_only)
+            self.tomos[name] = TomoState(name, plan.records[name], plan.points.get(name, []), name in plan.query_only)
         self.waiting_parts = set(plan.prompt_tomograms)
         self.progress.add("tomograms", total=len(plan.todo))
         self.progress.add("prompts", total=sum(len(plan.points[n]) for n in plan.prompt_tomograms))

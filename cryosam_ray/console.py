@@ -1,11 +1,15 @@
-"""The run's progress on the console: one line (tomograms done, with slices and prompts after it).
-
-Shown only on a terminal: a log file or a CI console gets the closing summary, not a bar per update.
+"""What a run shows on the console: one progress line (tomograms done, with slices and prompts
+after it; on a terminal only, so a log file or a CI console gets the closing summary, not a bar
+per update), and :func:`stderr_to_log` for native libraries' notices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
+import tempfile
 
 
 class Progress:
@@ -36,3 +40,27 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@contextlib.contextmanager
+def stderr_to_log(what: str, log: logging.Logger):
+    """Send what native code writes to stderr (file descriptor 2) to the log at INFO meanwhile;
+    if the block fails, it goes back to stderr with the error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace").strip()
+        if text:
+            log.info("%s: %s", what, text)
