@@ -280,7 +280,7 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
             records[name] = TomogramRecord(name, url).failed(str(exc))
             write_record(out_dir, records[name], options)
     points = read_prompts(prompts_path, voxel_size_a={n: t.voxel_size_a for n, t in tomograms.items()},
-                          shapes={n: t.shape for n, t in tomograms.items()})
+                          shapes={n: t.shape for n, t in tomograms.items()}, storage_options=options)
     by_tomo = group_prompts(points, set(tomograms), prompts_path)
     check_prompts(by_tomo, tomograms, prompts_path)
     digest = hashlib.sha256(read_bytes(prompts_path, options)).hexdigest()
@@ -323,7 +323,7 @@ def write_run_outputs(plan: Plan, records: dict[str, TomogramRecord], times: dic
     ordered = [records[name] for name in sorted(records)]
     table = picks_table([p.row() for r in ordered if r.status in ("done", "skipped") for p in r.picks])
     options = cfg.io.storage_options
-    files = write_picks(table, plan.out_dir)
+    files = write_picks(table, plan.out_dir, storage_options=options)
     files.append(write_star(table, join(plan.out_dir, "picks.star"), version=cfg.io.star_version,
                             shapes={n: t.shape for n, t in plan.tomograms.items()}, storage_options=options))
     lost = sorted({p.cls for ps in plan.points.values() for p in ps} - set(classes)) if plan.todo else []

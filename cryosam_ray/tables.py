@@ -25,7 +25,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cryosam_ray.errors import TableError
-from cryosam_ray.storage import write_bytes_atomic
+from cryosam_ray.storage import join, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def validate_truth(table: pa.Table, *, source: str = "<truth table>") -> pa.Tabl
     return out
 
 
-def write_picks(table: pa.Table, out_dir_or_prefix: str) -> list[str]:
+def write_picks(table: pa.Table, out_dir_or_prefix: str, *, storage_options: dict | None = None) -> list[str]:
     """Write ``picks.parquet`` and ``picks.csv`` (same columns) and return their paths.
 
     Args:
@@ -178,12 +177,12 @@ def write_picks(table: pa.Table, out_dir_or_prefix: str) -> list[str]:
     table = validate_picks(table)
     base = str(out_dir_or_prefix)
     stem, ext = os.path.splitext(base)
-    prefix = stem if ext.lower() in (".parquet", ".csv") else base.rstrip("/") + "/picks"
+    prefix = stem if ext.lower() in (".parquet", ".csv") else join(base, "picks")
     written = []
     for suffix, writer in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
         buf = io.BytesIO()
         writer(table, buf)
-        written.append(write_bytes_atomic(prefix + suffix, buf.getvalue()))
+        written.append(write_bytes_atomic(prefix + suffix, buf.getvalue(), storage_options=storage_options))
     return written
 
 
@@ -204,7 +203,8 @@ def read_truth(path: str) -> pa.Table:
 
 def read_prompts(path: str, *, voxel_size_a: float | dict[str, float] | None = None,
                  default_class: str = "default",
-                 shapes: dict[str, tuple[int, int, int]] | None = None) -> list[Point]:
+                 shapes: dict[str, tuple[int, int, int]] | None = None,
+                 storage_options: dict | None = None) -> list[Point]:
     """Read prompt points (voxels, ZYX) from CSV, RELION STAR or copick JSON.
 
     * ``.csv``: columns ``tomogram,z,y,x`` (voxels) and optional ``class``;
@@ -218,6 +218,7 @@ def read_prompts(path: str, *, voxel_size_a: float | dict[str, float] | None = N
         voxel_size_a: Angstrom per voxel of the tomograms, one value or one per tomogram name.
         default_class: class of points whose file names none.
         shapes: tomogram name -> ``(D, H, W)`` voxels, for RELION 5 centred coordinates.
+        storage_options: fsspec options for a remote ``path``.
 
     Raises:
         TableError: missing/empty file, missing columns, non-numeric coordinates, no voxel size.
@@ -226,7 +227,7 @@ def read_prompts(path: str, *, voxel_size_a: float | dict[str, float] | None = N
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".csv", ".star", ".json"):
         raise TableError(path, f"unknown prompt format {suffix!r}; expected .csv, .star or .json")
-    data = _read_bytes(path)
+    data = _read_bytes(path, storage_options)
     if not data.strip():
         raise TableError(path, "file is empty; expected prompt points")
     if suffix == ".csv":
@@ -317,7 +318,7 @@ def write_copick(table: pa.Table, out_dir: str, *, user_id: str = "cryosam", ses
         doc = {"pickable_object_name": cls, "user_id": user_id, "session_id": session_id, "run_name": tomo,
                "voxel_spacing": sizes[0] if len(set(sizes)) == 1 else None, "unit": "angstrom",
                "points": points, "trust_orientation": False}
-        target = f"{str(out_dir).rstrip('/')}/ExperimentRuns/{tomo}/Picks/{user_id}_{session_id}_{cls}.json"
+        target = join(out_dir, "ExperimentRuns", tomo, "Picks", f"{user_id}_{session_id}_{cls}.json")
         written.append(write_bytes_atomic(target, json.dumps(doc, indent=1).encode()))
     return written
 
@@ -353,10 +354,9 @@ def _require(found, expected, path) -> None:
         raise TableError(path, f"missing columns {missing}; expected {list(expected)}, found {list(found)}")
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, storage_options: dict | None = None) -> bytes:
     try:
-        with fsspec.open(str(path), "rb") as f:
-            return f.read()
+        return read_bytes(str(path), storage_options)
     except FileNotFoundError as err:
         raise TableError(path, "file not found") from err
     except OSError as err:
