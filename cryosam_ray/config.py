@@ -285,7 +285,8 @@ class InstancesConfig(_Section):
     min_size_ratio: float | None = Field(0.5, ge=0, description="Smallest particle, relative to the prompt instances' "
                                          "median size (null: no limit).")
     max_size_ratio: float | None = Field(2.0, gt=0, description="Largest particle, relative to the prompt instances' "
-                                         "median size (null: no limit).")
+                                         "median size (null: no limit); twice that for a single prompt, whose mask "
+                                         "size is one noisy sample.")
     min_score: float | Literal["auto"] | None = Field(
         "auto", description="Smallest particle score (in the units of density.score: density z units; features: "
         "cosine with the query, or projection with prompt = 1); auto: the split (Otsu) of the run's score "

@@ -66,6 +66,12 @@ class ClassQuery:
         radius: equivalent-sphere radius of the median prompt instance, voxels.
         shells: (2S,) mean shell profile of the prompts (None without density profiles).
         polarity: +1 dense is bright, -1 dense is dark (the prompts' majority).
+        max_size_factor: the factor by which the size filter's upper bound
+            (``instances.max_size_ratio``) widens: 2 for a single prompt, whose mask size is one
+            noisy sample (masks of the 80S in the real tomogram range over 5x, 205-1151 voxels),
+            1 for several (their median is robust; widening by their spread lets leaky masks
+            claim true neighbours). The lower bound does not widen: small background fragments
+            would pass the score cut.
     """
 
     cls: str
@@ -75,6 +81,7 @@ class ClassQuery:
     radius: float
     shells: np.ndarray | None = None
     polarity: float = -1.0
+    max_size_factor: float = 1.0
 
 
 @dataclass
