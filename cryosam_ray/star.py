@@ -1,10 +1,13 @@
 """RELION STAR files: picks written for RELION 4 or 5, prompts read from RELION 3, 4 or 5.
 
 RELION 5 tomography (``--star-version 5``, the default): each particle is ``rlnTomoName`` and
-``rlnCenteredCoordinate{X,Y,Z}Angst``, Angstrom from the tomogram's centre, the convention of
-RELION 5's particle files and of the tools that feed it (pytom-match-pick, ArtiaX, copick's
-converters): ``X_A = (x - W / 2) * pixel size`` with ``x`` in voxels of a tomogram ``W`` voxels
-wide, the same for y (H) and z (D). A ``data_optics`` block states the pixel size
+``rlnCenteredCoordinate{X,Y,Z}Angst``, Angstrom from the tomogram's centre:
+``X_A = (x - W / 2) * pixel size`` with ``x`` in 0-based voxels of a tomogram ``W`` voxels wide,
+the same for y (H) and z (D). That is RELION 5's own convention (``tomogram_set.cpp``, branch
+ver5.0: ``centre = (w0 / 2.0, h0 / 2.0, d0 / 2.0)``, float division; ``particle_set.cpp``,
+``getParticleCoordDecenteredPixel``: ``pixel = angstrom / pixel size + centre``, no +1), and that
+of the tools that feed it (pytom-match-pick, ArtiaX). ``data_particles`` comes first (RELION's
+coordinate import reads a file's first data block), then ``data_optics`` states the pixel size
 (``rlnTomoTiltSeriesPixelSize``), one optics group per voxel size of the run.
 
 RELION 4 (``--star-version 4``) and 3: ``rlnCoordinate{X,Y,Z}`` in pixels (0-based, as this
@@ -66,10 +69,9 @@ def write_star(table: pa.Table, path: str, *, version: int = 5, shapes: dict[str
     number = {name: i + 1 for i, name in enumerate(names)}
     sizes = sorted({v for v in cols["voxel_size_a"] if v is not None and math.isfinite(v)})
     group = {v: i + 1 for i, v in enumerate(sizes)}
+    # data_particles first: RELION's coordinate import reads a file's first data block.
     lines = ["", "# version 50001" if version == 5 else "# version 30001",
              f"# cryosam_ray picks for RELION {version}", *(f"# cryosam_class {number[n]} {n}" for n in names),
-             "", "data_optics", "", "loop_", "_rlnOpticsGroup #1", "_rlnOpticsGroupName #2",
-             "_rlnTomoTiltSeriesPixelSize #3", *(f"{g} opticsGroup{g} {v!r}" for v, g in group.items()),
              "", "data_particles", "", "loop_"]
     axes = [f"rlnCenteredCoordinate{a}Angst" for a in "XYZ"] if version == 5 else [f"rlnCoordinate{a}" for a in "XYZ"]
     labels = ["rlnTomoName", *axes, "rlnAutopickFigureOfMerit", "rlnClassNumber"] + (["rlnOpticsGroup"] if sizes else [])
@@ -83,6 +85,8 @@ def write_star(table: pa.Table, path: str, *, version: int = 5, shapes: dict[str
         name = f'"{tomo}"' if not tomo or re.search(r"\s", tomo) else tomo
         row = [name, *(repr(float(v)) for v in xyz), repr(cols["score"][i]), str(number[cols["class"][i]])]
         lines.append(" ".join(row + ([str(group[voxel])] if sizes else [])))
+    lines += ["", "data_optics", "", "loop_", "_rlnOpticsGroup #1", "_rlnOpticsGroupName #2",
+              "_rlnTomoTiltSeriesPixelSize #3", *(f"{g} opticsGroup{g} {v!r}" for v, g in group.items())]
     return write_bytes_atomic(str(path), ("\n".join(lines) + "\n\n").encode(), storage_options=storage_options)
 
 

@@ -30,6 +30,7 @@ def test_relion5_centred_angstrom_by_hand(tmp_path):
     path = write_star(_picks(), str(tmp_path / "picks.star"), version=5, shapes=SHAPES)
     text = open(path).read()
     assert "_rlnCenteredCoordinateXAngst" in text and "_rlnTomoTiltSeriesPixelSize" in text
+    assert text.index("data_particles") < text.index("data_optics")  # RELION's import reads the first block
     first = _rows(text)[0]
     # x = 100 of W = 140 -> (100 - 70) * 8 = 240 A; y = 25.5 of H = 100 -> (25.5 - 50) * 8 = -196; z: (10 - 30) * 8
     assert first[0] == "TS_01" and [float(v) for v in first[1:4]] == [240.0, -196.0, -160.0]
