@@ -5,7 +5,8 @@ would duplicate work and race on ``run.json``. A run takes the lease before it p
 it back when it ends; while it runs, a background thread renews it. The lease is a small JSON
 object (owner, host, pid, run id, expiry) that works the same on a local disk and on S3, where
 there is no file locking: a lease whose expiry has passed (its run was killed) may be taken
-over. A second run refuses with the owner's name, or waits for the lease (``wait=True``).
+over, and so may the lease of a process of this machine that no longer runs (a killed driver's
+rerun need not wait). A second run refuses with the owner's name, or waits (``wait=True``).
 
 Taking the lease: locally the file is created exclusively (``O_EXCL``); on object stores it is
 written and read back after a short pause, and the run goes on only if it still names this run
@@ -49,6 +50,20 @@ class Holder:
                 f"{max(0, left):.0f} s more unless renewed")
 
 
+def _dead(holder: Holder) -> bool:
+    """Whether the holder was a process of this machine that no longer runs (killed, crashed):
+    its lease need not be waited out."""
+    if holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class OutputLease:
     """The lease of one output folder (use as a context manager around a run)."""
 
@@ -82,7 +97,7 @@ class OutputLease:
         """Take the lease, waiting for it with ``wait``; raises OutputLockedError otherwise."""
         while True:
             current = self.holder()
-            if current is None or current.expires < time.time() or current.run_id == self.run_id:
+            if current is None or current.expires < time.time() or current.run_id == self.run_id or _dead(current):
                 if self._try_take(expired=current is not None):
                     break
                 current = self.holder()

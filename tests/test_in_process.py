@@ -204,3 +204,47 @@ def test_a_failed_write_leaves_none_of_the_tomograms_outputs(dataset, tmp_path, 
     record = json.loads((out / "tomograms" / "synth_000.json").read_text())
     assert record["status"] == "failed" and "No space left" in record["error"]
     assert outputs.output_urls(str(out), "synth_000", "mrc")[0].endswith("synth_000_instances.mrc")
+
+
+def _kill_when(command, ready, timeout=120.0):
+    """Start ``command``, SIGKILL it as soon as ``ready()`` holds (or it ends). Returns its exit code."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+@pytest.mark.parametrize("point", ["encoding", "between tomograms", "writing"])
+def test_a_killed_driver_resumes_with_identical_picks_and_no_recomputed_shard(dataset, run_dir, tmp_path, point):
+    import sys
+
+    _, data, prompts = dataset
+    out = tmp_path / "out"
+    inputs = [str(data / "synth_000.mrc"), str(data / "synth_001.mrc")]
+    command = [sys.executable, "-m", "cryosam_ray.cli", "run", "--tomograms", *inputs, "--prompts", str(prompts),
+               "--out", str(out), "--address", "none", "--no-progress"]
+    ready = {
+        "encoding": lambda: len(list(out.glob("features/*/done0/c/*"))) >= 2,  # two shards committed
+        "between tomograms": lambda: (out / "tomograms" / "synth_000.json").exists(),
+        "writing": lambda: any(out.glob("masks/synth_001_instances.mrc")),
+    }[point]
+    assert _kill_when(command, ready) == -9  # killed, not finished
+    committed = {chunk: chunk.stat().st_mtime_ns for group in out.glob("features/*") for axis in range(3)
+                 for flag in group.glob(f"done{axis}/c/*")  # shard i is committed once its flag is written
+                 for chunk in group.glob(f"axis{axis}/c/{flag.name}/**/*") if chunk.is_file()}
+    records = {p.name: p.read_text() for p in (out / "tomograms").glob("*.json")}
+    assert main(command[3:]) == 0
+    assert committed or point != "encoding"
+    for path, stamp in committed.items():  # committed feature chunks are read, never written again
+        assert path.stat().st_mtime_ns == stamp, path
+    for name, text in records.items():  # a tomogram whose record was committed is not redone
+        assert (out / "tomograms" / name).read_text() == text
+    clean, resumed = read_picks(str(run_dir / "picks.parquet")), read_picks(str(out / "picks.parquet"))
+    for column in ("tomogram", "class", "instance_id", "z", "y", "x", "voxel_count"):
+        assert clean.column(column).to_pylist() == resumed.column(column).to_pylist(), column

@@ -62,3 +62,22 @@ def test_cryosam_run_refuses_an_output_in_use(tmp_path, capsys):
                      "--out", str(tmp_path / "out"), "--address", "none", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "in use by run " + holder.run_id in err, err
+
+
+def test_the_lease_of_a_killed_process_on_this_machine_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LEASE_NAME).write_text(json.dumps({"owner": "x", "host": socket.gethostname(),
+                                                   "pid": int(gone.stdout), "run_id": "killed",
+                                                   "expires": time.time() + 3600}))
+    with OutputLease(str(tmp_path)) as lease:
+        assert lease.holder().run_id == lease.run_id
+    alive = {"owner": "x", "host": socket.gethostname(), "pid": os.getpid(), "run_id": "alive",
+             "expires": time.time() + 3600}
+    (tmp_path / LEASE_NAME).write_text(json.dumps(alive))
+    with pytest.raises(OutputLockedError, match="alive"):
+        OutputLease(str(tmp_path)).acquire()
