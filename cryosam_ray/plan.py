@@ -266,7 +266,11 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
     check_encoder(cfg.encoder, options)
     check_segmenter(cfg.segmenter, options)
     tomograms, records, new = {}, {}, []
-    for url in expand_tomograms(specs, options):
+    urls = expand_tomograms(specs, options)
+    if not urls:
+        raise PlanError(f"--tomograms {' '.join(map(str, specs))}: no tomogram there (expected MRC files "
+                        f"{', '.join(MRC_SUFFIXES)} or zarr / OME-Zarr folders)")
+    for url in urls:
         try:
             tomo = open_tomogram(url, voxel_size_a=cfg.io.voxel_size_a, storage_options=options)
             tomograms[tomo.name] = tomo
@@ -279,6 +283,9 @@ def make_plan(specs: list[str], prompts_path: str, out_dir: str, cfg: CryoSamCon
                 new.append(name)
             records[name] = TomogramRecord(name, url).failed(str(exc))
             write_record(out_dir, records[name], options)
+    if not tomograms:  # name the cause, not the prompts that then match nothing
+        causes = "; ".join(r.error for r in list(records.values())[:5])
+        raise PlanError(f"no tomogram of the run could be opened ({len(records)} tried): {causes}")
     points = read_prompts(prompts_path, voxel_size_a={n: t.voxel_size_a for n, t in tomograms.items()},
                           shapes={n: t.shape for n, t in tomograms.items()}, storage_options=options)
     by_tomo = group_prompts(points, set(tomograms), prompts_path)

@@ -138,3 +138,17 @@ def test_an_unreadable_input_is_new_and_recorded(tmp_path):
     prompts.write_text("tomogram,z,y,x\nTS_01,4,6,8\n")
     plan = make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
     assert plan.new == ["TS_01", "TS_02"]
+
+
+def test_the_error_names_the_real_cause_when_no_tomogram_is_there(tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("tomogram,z,y,x\nTS_01,4,6,8\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PlanError, match="no tomogram there"):
+        make_plan([str(tmp_path / "empty")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
+    with pytest.raises(PlanError, match="no tomogram there"):
+        make_plan([str(tmp_path / "*.mrc")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "TS_01.mrc").write_bytes(b"not a tomogram" * 10)
+    with pytest.raises(PlanError, match="could be opened.*TS_01.mrc: not a readable MRC"):
+        make_plan([str(tmp_path / "data")], str(prompts), str(tmp_path / "out"), CryoSamConfig())
