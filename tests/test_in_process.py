@@ -103,12 +103,17 @@ def test_segment_command(dataset, tmp_path, capsys):
     assert set(np.unique(labels)) == {0, 1, 2, 3}
 
 
-def test_segment_reports_prompts_for_another_tomogram(dataset, tmp_path, capsys):
+def _segment(dataset, tmp_path, row: str) -> int:
+    """``cryosam segment`` of synth_000 with one prompt row; returns the exit code."""
     _, data, _ = dataset
     prompts = tmp_path / "p.csv"
-    prompts.write_text("tomogram,z,y,x\nTS_99,1,2,3\n")
-    assert main(["segment", "--tomogram", str(data / "synth_000.mrc"), "--prompts", str(prompts),
-                 "--out", str(tmp_path / "o")]) == 2
+    prompts.write_text(f"tomogram,z,y,x\n{row}\n")
+    return main(["segment", "--tomogram", str(data / "synth_000.mrc"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "seg")])
+
+
+def test_segment_reports_prompts_for_another_tomogram(dataset, tmp_path, capsys):
+    assert _segment(dataset, tmp_path, "TS_99,1,2,3") == 2
     assert "no prompt names tomogram 'synth_000'" in capsys.readouterr().err
 
 
@@ -179,11 +184,7 @@ def test_an_interrupted_run_stops_writes_what_is_done_and_resumes(dataset, tmp_p
 
 
 def test_segment_exits_1_when_no_prompt_gives_a_mask(dataset, tmp_path, capsys):
-    _, data, _ = dataset
-    prompts = tmp_path / "p.csv"
-    prompts.write_text("tomogram,z,y,x\nsynth_000,5,5,999\n")
-    assert main(["segment", "--tomogram", str(data / "synth_000.mrc"), "--prompts", str(prompts),
-                 "--out", str(tmp_path / "seg")]) == 1
+    assert _segment(dataset, tmp_path, "synth_000,5,5,999") == 1
     assert "segmented 0 of 1" in capsys.readouterr().out
 
 
