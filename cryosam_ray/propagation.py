@@ -14,6 +14,7 @@ every front in one call per step.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,7 +88,8 @@ def _seed_point(prompt: np.ndarray, axis: int) -> tuple[int, tuple[int, int]]:
 
 def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
               directions: Directions = "six", iou_threshold: float = 0.5,
-              max_steps: int | None = None, radius: float | None = None) -> list[Instance]:
+              max_steps: int | None = None, radius: float | None = None,
+              max_voxels: float | None = None) -> list[Instance]:
     """3D instance masks for point prompts on one tomogram.
 
     Args:
@@ -100,6 +102,11 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
         max_steps: at most this many slices per front beyond its seed (None: no limit).
         radius: expected particle radius in voxels (from the prompt instances; None: unknown),
             passed to the segmenter, which sizes its windows and caps mask areas from it.
+        max_voxels: instances larger than this are of no use to the caller (None: no limit). A
+            prompt's fronts stop once its slice masks add up to more than this many voxels per
+            walking axis (each voxel lies on one slice per axis, so its instance is then surely
+            larger) and it comes back empty, its ``message`` saying so: a mask leaking along a
+            membrane costs neither the time nor the memory of walking the whole volume.
 
     Returns:
         One :class:`Instance` per prompt, in order. A prompt outside the volume or on empty
@@ -113,6 +120,20 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
     axes = (0, 1, 2) if directions == "six" else (0,)
     accepted: list[list[tuple[int, int, SlicePrediction]]] = [[] for _ in prompts]
     messages = [""] * len(prompts)
+    area_cap = math.inf if max_voxels is None else len(axes) * float(max_voxels)
+    areas = np.zeros(len(prompts))
+
+    def accept(i: int, axis: int, index: int, pred: SlicePrediction) -> bool:
+        """Keep a slice mask of prompt ``i``; False once the prompt is over the cap (then dropped)."""
+        if messages[i]:
+            return False
+        areas[i] += int(pred.mask.sum())
+        if areas[i] > area_cap:
+            accepted[i].clear()
+            messages[i] = f"larger than {max_voxels:.0f} voxels (a leak): stopped"
+            return False
+        accepted[i].append((axis, index, pred))
+        return True
 
     seeds: list[tuple[int, int, int, SliceRequest]] = []
     for i, p in enumerate(prompts):
@@ -126,15 +147,15 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
 
     fronts: list[_Front] = []
     for (i, axis, index, _), pred in zip(seeds, segmenter.predict([s[3] for s in seeds])):
-        if pred is None:
-            continue
-        accepted[i].append((axis, index, pred))
-        fronts += [_Front(i, axis, +1, index, pred), _Front(i, axis, -1, index, pred)]
+        if pred is not None and accept(i, axis, index, pred):
+            fronts += [_Front(i, axis, +1, index, pred), _Front(i, axis, -1, index, pred)]
+    fronts = [f for f in fronts if not messages[f.prompt]]
 
     steps = 0
     while fronts and (max_steps is None or steps < max_steps):
         steps += 1
-        fronts = [f for f in fronts if 0 <= f.index + f.step < shape[f.axis]]  # stop at the edge
+        # Stop at the volume's edge and when the prompt went over the cap.
+        fronts = [f for f in fronts if 0 <= f.index + f.step < shape[f.axis] and not messages[f.prompt]]
         requests = [SliceRequest(axis=f.axis, index=f.index + f.step, point=f.pred.best_point(),
                                  prev_mask=f.pred.mask, prev_offset=f.pred.offset, state=f.pred.state,
                                  radius=radius)
@@ -145,8 +166,8 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
                 continue
             front.index += front.step
             front.pred = pred
-            accepted[front.prompt].append((front.axis, front.index, pred))
-            survivors.append(front)
+            if accept(front.prompt, front.axis, front.index, pred):
+                survivors.append(front)
         fronts = survivors
 
     instances = []

@@ -9,6 +9,10 @@ import mrcfile
 import numpy as np
 import pytest
 
+# Every Ray the tests start binds to 127.0.0.1 (read when Ray is imported): no test traffic
+# leaves loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture
 def small_volume() -> np.ndarray:

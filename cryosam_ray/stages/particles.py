@@ -68,7 +68,8 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
         if not batch:
             continue
         instances = propagate(segmenter, tomogram, proposals.zyx[batch], directions=prop.directions,
-                              iou_threshold=prop.iou_threshold, max_steps=prop.max_steps, radius=radius)
+                              iou_threshold=prop.iou_threshold, max_steps=prop.max_steps, radius=radius,
+                              max_voxels=hi if math.isfinite(hi) else None)
         for i, inst in zip(batch, instances):
             if inst.empty or not lo <= inst.voxel_count <= hi:
                 continue  # a leaked or empty mask: it claims nothing, so it hides no true neighbour
