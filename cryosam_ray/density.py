@@ -18,7 +18,9 @@ units of its spread over the pool). It needs no threshold fitted to one encoder 
 :func:`density_proposals` builds that pool per class (feature proposals plus blobs) and ranks it.
 
 For particles of 12 voxels in radius or more the density is block-averaged first
-(:func:`bin_factor`), so a descriptor costs about the same at any pixel size.
+(:func:`bin_factor`), so a descriptor costs about the same at any pixel size. Memory: one
+float32 copy of the (binned) density per tomogram; filtered responses are computed by z slab
+into a bounded cache (:mod:`cryosam_ray.slab_filter`), so a tomogram of any size fits.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from cryosam_ray.matching import Proposals, nms
+from cryosam_ray.slab_filter import SLAB_BYTES, SlabFiltered, reflect_index
 
 if TYPE_CHECKING:  # the stages import this module
     from cryosam_ray.config import CryoSamConfig
@@ -71,13 +74,8 @@ class DensityMap:
 
     def __init__(self, tomogram, bin: int = 1):
         self.bin = int(bin)
-        volume = tomogram.normalize(tomogram.read())
-        if self.bin > 1:
-            f = self.bin
-            d, h, w = (s // f * f for s in volume.shape)
-            volume = volume[:d, :h, :w].reshape(d // f, f, h // f, f, w // f, f).mean(axis=(1, 3, 5))
-        self.data = ((volume - volume.mean()) / max(float(volume.std()), 1e-6)).astype(np.float32)
-        self._blobs: dict[tuple[float, float], np.ndarray] = {}
+        self.data = _standardised(tomogram, self.bin)
+        self._blobs: dict[tuple[float, float], SlabFiltered] = {}
 
     def _to_binned(self, zyx: np.ndarray) -> np.ndarray:
         return (np.asarray(zyx, np.float64).reshape(-1, 3) + 0.5) / self.bin - 0.5
@@ -87,31 +85,33 @@ class DensityMap:
         binned = np.clip(np.rint(self._to_binned(voxels)).astype(int), 0, np.asarray(self.data.shape) - 1)
         return 1.0 if float(self.data[tuple(binned.T)].mean()) >= 0 else -1.0
 
-    def blob_response(self, radius: float, polarity: float) -> np.ndarray:
-        """(d, h, w) binned scale-normalised LoG at sigma = r / sqrt(3), positive on dense blobs."""
+    def blob_response(self, radius: float, polarity: float) -> SlabFiltered:
+        """Binned scale-normalised LoG at sigma = r / sqrt(3), positive on dense blobs, computed
+        by slab when asked for (see :mod:`cryosam_ray.slab_filter`)."""
         key = (round(float(radius), 3), float(polarity))
         if key not in self._blobs:
             sigma = radius / self.bin / math.sqrt(3)
-            self._blobs[key] = (-polarity * sigma ** 2) * ndimage.gaussian_laplace(self.data, sigma)
+            scale = -polarity * sigma ** 2
+
+            def log(block: np.ndarray) -> np.ndarray:
+                return scale * ndimage.gaussian_laplace(block, sigma)
+
+            self._blobs[key] = SlabFiltered(self.data, log, halo=int(4.0 * sigma + 0.5) + 1)  # scipy's truncate=4
         return self._blobs[key]
 
     def contrast(self, zyx: np.ndarray, radius: float, polarity: float) -> np.ndarray:
         """(N,) blob response at (N, 3) ZYX voxel coordinates (linear interpolation)."""
-        return ndimage.map_coordinates(self.blob_response(radius, polarity), self._to_binned(zyx).T, order=1,
-                                       mode="nearest")
+        return self.blob_response(radius, polarity).interpolate(self._to_binned(zyx))
 
     def peaks(self, radius: float, polarity: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``top_k`` strongest blobs at least a radius apart: ((K, 3) ZYX voxels, (K,) response)."""
-        response = self.blob_response(radius, polarity)
         r = radius / self.bin
-        peaks = np.argwhere((response == ndimage.maximum_filter(response, size=max(3, int(round(r)) | 1)))
-                            & (response > 0))
-        values = response[tuple(peaks.T)]
+        peaks, values = self.blob_response(radius, polarity).local_maxima(max(3, int(round(r)) | 1))
         keep = nms(peaks.astype(np.float64), values, radius=r, top_k=top_k)
         return (peaks[keep] + 0.5) * self.bin - 0.5, values[keep]
 
     def shells(self, zyx: np.ndarray, radius: float, polarity: float, *, count: int = 8,
-               reach: float = 2.0, chunk: int = 64) -> np.ndarray:
+               reach: float = 2.0) -> np.ndarray:
         """(N, 2 * count) shell profiles around (N, 3) ZYX voxel coordinates (see module docstring),
         each centred on the nearest voxel of the (binned) density."""
         r = radius / self.bin
@@ -123,12 +123,13 @@ class DensityMap:
         average = np.zeros((len(shell), count), np.float32)
         average[np.arange(len(shell)), shell] = 1.0
         average /= np.maximum(average.sum(axis=0), 1)
-        padded = np.pad(self.data * polarity, half, mode="reflect")
-        base = np.clip(np.rint(self._to_binned(zyx)).astype(int), 0, np.asarray(self.data.shape) - 1) + half
+        base = np.clip(np.rint(self._to_binned(zyx)).astype(int), 0, np.asarray(self.data.shape) - 1)
         out = np.zeros((len(base), 2 * count), np.float32)
+        chunk = max(1, 2**20 // len(offsets))  # points per pass: about a million gathered voxels
         for start in range(0, len(base), chunk):
-            index = base[start:start + chunk, None, :] + offsets[None]
-            values = padded[index[..., 0], index[..., 1], index[..., 2]]  # (n, V)
+            index = base[start:start + chunk, None, :] + offsets[None]  # mirrored at the edges, as np.pad's reflect
+            z, y, x = (reflect_index(index[..., a], n) for a, n in enumerate(self.data.shape))
+            values = self.data[z, y, x] * np.float32(polarity)  # (n, V)
             mean = values @ average
             out[start:start + chunk, :count] = mean
             out[start:start + chunk, count:] = np.sqrt(np.maximum((values * values) @ average - mean * mean, 0))
@@ -143,7 +144,7 @@ class DensityMap:
         hi = np.minimum(np.rint(centre).astype(int) + reach + 1, response.shape)
         grid = np.argwhere(np.ones(hi - lo, bool)) + lo
         grid = grid[np.linalg.norm(grid - centre, axis=1) <= within / self.bin]
-        best = grid[np.argmax(response[tuple(grid.T)])] if len(grid) else np.rint(centre).astype(int)
+        best = grid[np.argmax(response.values(grid))] if len(grid) else np.rint(centre).astype(int)
         return (best + 0.5) * self.bin - 0.5
 
     def profile(self, click: np.ndarray, voxels: np.ndarray, radius: float, *, count: int = 8,
@@ -156,6 +157,28 @@ class DensityMap:
         centre = self.strongest_near(click, radius, polarity, 0.5 * radius)
         return DensityProfile(self.shells(centre[None], radius, polarity, count=count, reach=reach)[0],
                               float(self.contrast(centre[None], radius, polarity)[0]), polarity)
+
+
+def _standardised(tomogram, bin: int) -> np.ndarray:
+    """(D/bin, H/bin, W/bin) float32: the tomogram normalised (its robust statistics),
+    block-averaged, then standardised to mean 0, std 1; read slab by slab, so the one
+    whole-size array is the result."""
+    d, h, w = (s // bin * bin for s in tomogram.shape)
+    data = np.empty((d // bin, h // bin, w // bin), np.float32)
+    step = max(bin, SLAB_BYTES // max(1, h * w * 4) // bin * bin)
+    for z0 in range(0, d, step):
+        block = tomogram.normalize(tomogram.slab(0, z0, min(d, z0 + step)))[:, :h, :w]
+        if bin > 1:
+            block = block.reshape(-1, bin, h // bin, bin, w // bin, bin).mean(axis=(1, 3, 5))
+        data[z0 // bin:z0 // bin + len(block)] = block
+    chunks = [data[i:i + max(1, step // bin)] for i in range(0, len(data), max(1, step // bin))]
+    mean = sum(float(c.sum(dtype=np.float64)) for c in chunks) / max(data.size, 1)
+    var = sum(float(np.square(c - np.float32(mean), dtype=np.float64).sum()) for c in chunks) / max(data.size, 1)
+    std = np.float32(max(math.sqrt(var), 1e-6))
+    for c in chunks:  # views: in place
+        c -= np.float32(mean)
+        c /= std
+    return data
 
 
 def robust_z(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:

@@ -17,13 +17,15 @@ from cryosam_ray.tables import read_picks, read_truth
 
 
 class _Volume:
-    """The two methods of a Tomogram that DensityMap reads."""
+    """What DensityMap reads of a Tomogram: its shape, z slabs and normalisation."""
 
     def __init__(self, data: np.ndarray):
         self.data = data.astype(np.float32)
+        self.shape = self.data.shape
 
-    def read(self) -> np.ndarray:
-        return self.data
+    def slab(self, axis: int, start: int, stop: int) -> np.ndarray:
+        assert axis == 0
+        return self.data[start:stop]
 
     def normalize(self, block: np.ndarray) -> np.ndarray:
         return (block - self.data.mean()) / self.data.std()

@@ -1,0 +1,52 @@
+"""Filters computed by z slab equal the whole-volume result, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from cryosam_ray.slab_filter import SlabFiltered, reflect_index
+
+
+def _log(block: np.ndarray) -> np.ndarray:
+    return ndimage.gaussian_laplace(block, 1.7)
+
+
+def _sliced(volume: np.ndarray, **kw) -> SlabFiltered:
+    """Slabs of 3 planes, at most 2 kept: every query crosses slabs and evicts some."""
+    plane = volume.shape[1] * volume.shape[2] * 4
+    return SlabFiltered(volume, _log, halo=int(4 * 1.7 + 0.5) + 1, slab_bytes=3 * plane, budget_bytes=6 * plane, **kw)
+
+
+def test_slabs_equal_the_whole_volume_filter():
+    volume = np.random.default_rng(0).normal(size=(17, 20, 23)).astype(np.float32)
+    whole = _log(volume)
+    sliced = _sliced(volume)
+    assert np.array_equal(sliced.region((0, 0, 0), volume.shape), whole)
+    assert np.array_equal(sliced.region((4, 3, 2), (12, 9, 20)), whole[4:12, 3:9, 2:20])
+    index = np.array([[0, 0, 0], [16, 19, 22], [5, 7, 9], [6, 1, 2]])
+    assert np.array_equal(sliced.values(index), whole[tuple(index.T)])
+
+
+def test_interpolation_matches_map_coordinates_inside_and_beyond_the_edges():
+    volume = np.random.default_rng(1).normal(size=(11, 12, 13)).astype(np.float32)
+    points = np.array([[0.3, 4.5, 7.2], [10.0, 11.0, 12.0], [-2.0, 5.5, 13.7], [5.25, -0.5, 6.0], [9.9, 3.1, 0.0]])
+    expected = ndimage.map_coordinates(_log(volume), points.T, order=1, mode="nearest")
+    assert np.allclose(_sliced(volume).interpolate(points), expected, atol=1e-6)
+
+
+def test_local_maxima_match_a_whole_volume_maximum_filter():
+    volume = ndimage.gaussian_filter(np.random.default_rng(2).normal(size=(19, 24, 24)), 1.0).astype(np.float32)
+    whole = _log(volume)
+    mask = (whole == ndimage.maximum_filter(whole, size=5)) & (whole > 0)
+    points, values = _sliced(volume).local_maxima(5)
+    order = np.lexsort(points.T[::-1])
+    assert np.array_equal(points[order], np.argwhere(mask))
+    assert np.array_equal(values[order], whole[mask])
+
+
+def test_reflect_index_folds_like_np_pad_reflect():
+    for size in (1, 2, 5):
+        pad = 13
+        padded = np.pad(np.arange(size), pad, mode="reflect")
+        assert np.array_equal(reflect_index(np.arange(-pad, size + pad), size), padded)
