@@ -28,7 +28,7 @@ from cryosam_ray.errors import CryoSamError, PromptError
 from cryosam_ray.lease import OutputLease
 from cryosam_ray.particle import Pick
 from cryosam_ray.segmenters import check_segmenter
-from cryosam_ray.storage import filesystem, fingerprint, is_remote, join, read_bytes, write_bytes_atomic
+from cryosam_ray.storage import filesystem, fingerprint, is_remote, join, reach_error, read_bytes, write_bytes_atomic
 from cryosam_ray.star import write_star
 from cryosam_ray.tables import Point, picks_table, read_prompts, write_picks
 from cryosam_ray.tomo_io import MRC_SUFFIXES, ZARR_SUFFIXES, Tomogram, open_tomogram, tomogram_name
@@ -144,16 +144,13 @@ def expand_tomograms(specs: list[str], storage_options: dict | None = None) -> l
     """
     urls: list[str] = []
     for spec in map(str, specs):
-        fs, path = filesystem(spec, storage_options)
-        prefix = spec.split("://", 1)[0] + "://" if is_remote(spec) else ""
-        if any(ch in path for ch in _GLOB_CHARS):
-            urls += [prefix + p for p in sorted(fs.glob(path))]
-        elif fs.isdir(path) and not path.rstrip("/").lower().endswith(ZARR_SUFFIXES):
-            urls += [prefix + p for p in sorted(fs.ls(path, detail=False))
-                     if p.rstrip("/").lower().endswith(MRC_SUFFIXES + ZARR_SUFFIXES)
-                     and not p.rstrip("/").lower().endswith(_OUTPUT_SUFFIXES)]
-        else:
-            urls.append(spec)
+        try:
+            urls += _listed(spec, storage_options)
+        except Exception as exc:  # noqa: BLE001 (a storage error becomes the user's; others propagate)
+            reason = reach_error(exc)
+            if reason is None:
+                raise
+            raise PlanError(f"--tomograms {spec}: cannot list it: {reason}") from exc
     urls = sorted(dict.fromkeys(urls))
     by_name: dict[str, list[str]] = defaultdict(list)
     for url in urls:
@@ -164,6 +161,19 @@ def expand_tomograms(specs: list[str], storage_options: dict | None = None) -> l
         raise PlanError(f"{len(clashes)} tomogram name(s) occur more than once among the inputs, e.g. {name!r}: "
                         f"{found}; tomograms are named by their file stem, so rename or run them separately")
     return urls
+
+
+def _listed(spec: str, storage_options: dict | None) -> list[str]:
+    """The tomogram URLs one --tomograms spec names (itself when it names one, or nothing)."""
+    fs, path = filesystem(spec, storage_options)
+    prefix = spec.split("://", 1)[0] + "://" if is_remote(spec) else ""
+    if any(ch in path for ch in _GLOB_CHARS):
+        return [prefix + p for p in sorted(fs.glob(path))]
+    if fs.isdir(path) and not path.rstrip("/").lower().endswith(ZARR_SUFFIXES):
+        return [prefix + p for p in sorted(fs.ls(path, detail=False))
+                if p.rstrip("/").lower().endswith(MRC_SUFFIXES + ZARR_SUFFIXES)
+                and not p.rstrip("/").lower().endswith(_OUTPUT_SUFFIXES)]
+    return [spec]
 
 
 def group_prompts(points: list[Point], names: set[str], source: str) -> dict[str, list[Point]]:
@@ -235,8 +245,11 @@ def check_output(out_dir: str, storage_options: dict | None = None) -> None:
         bucket = path.split("/", 1)[0]
         try:
             found = fs.exists(bucket)
-        except (OSError, ValueError) as exc:  # endpoint unreachable, credentials refused
-            raise PlanError(f"--out {out_dir}: cannot reach bucket {bucket!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 endpoint unreachable, no or refused credentials
+            reason = reach_error(exc) or (str(exc) if isinstance(exc, ValueError) else None)
+            if reason is None:
+                raise
+            raise PlanError(f"--out {out_dir}: cannot reach bucket {bucket!r}: {reason}") from exc
         if not found:
             raise PlanError(f"--out {out_dir}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
         return

@@ -55,18 +55,34 @@ def transient(exc: BaseException) -> bool:
                                        "RequestTimeout", "Throttl", "Connection reset", "EndpointConnectionError"))
 
 
+_BACKENDS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec")
+
+
+def reach_error(exc: BaseException) -> str | None:
+    """What went wrong reaching a store, said for a user, when ``exc`` is a storage error (an
+    OSError, or one of the backends' own: botocore's credential and endpoint errors are not
+    OSErrors); None for any other error."""
+    if type(exc).__name__ == "NoCredentialsError":
+        return ("no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or "
+                "io.storage_options: {anon: true} for a public bucket")
+    if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _BACKENDS:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def retried(op: Callable, url: str, *, attempts: int = 5, backoff_s: float = 0.5):
     """``op()``, retried with exponential backoff while it fails transiently (see :func:`transient`).
 
-    Raises the last error; an OSError without the URL in its message gets it.
+    Raises the last error; a storage error (see :func:`reach_error`) as an OSError naming the URL.
     """
     for attempt in range(attempts):
         try:
             return op()
         except Exception as exc:  # noqa: BLE001 (classified just below)
             if not transient(exc) or attempt == attempts - 1:
-                if isinstance(exc, OSError) and str(url) not in str(exc):
-                    raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                reason = reach_error(exc)
+                if reason and not (isinstance(exc, OSError) and str(url) in str(exc)):
+                    raise OSError(f"{url}: {reason}") from exc
                 raise
             time.sleep(backoff_s * 2**attempt)
 
