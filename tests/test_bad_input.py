@@ -17,7 +17,6 @@ from cryosam_ray.cli import main
 from cryosam_ray.errors import (BadVoxelDataError, BadVoxelSizeError, ConfigError, NotAnMrcError, NotAVolumeError,
                                 PromptError, TableError, TomogramNotFoundError, WeightsError)
 from cryosam_ray.plan import PlanError
-from cryosam_ray.tomo_io import write_mrc
 
 from tiny_models import write_blob_tomogram
 

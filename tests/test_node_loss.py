@@ -18,8 +18,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from cryosam_ray.cli import main  # noqa: E402
-from cryosam_ray.synth import SynthSettings, write_dataset  # noqa: E402
 from cryosam_ray.tables import read_picks  # noqa: E402
+
+from ribosome_data import ribosome_dataset  # noqa: E402
 
 SMALL = ("ray.encoders.num_cpus=0.25", "ray.segmenters.num_cpus=0.25", "ray.task_cpus=0.25")
 LOOPBACK = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}  # see conftest.py
@@ -40,12 +41,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nodeloss")
-    data = root / "data"
-    write_dataset(str(data), n=2, seed=5, settings=SynthSettings(shape=(48, 96, 96), snr=0.5, use_real_maps=False))
-    lines = (data / "prompts.csv").read_text().splitlines()
-    (root / "prompts.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.endswith(",ribosome")]) + "\n")
-    (data / "prompts.csv").unlink()
+    root, data = ribosome_dataset(tmp_path_factory.mktemp("nodeloss"), (48, 96, 96))
     return root, data
 
 

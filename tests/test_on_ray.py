@@ -16,8 +16,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from cryosam_ray.cli import main  # noqa: E402
-from cryosam_ray.synth import SynthSettings, write_dataset  # noqa: E402
 from cryosam_ray.tables import read_picks  # noqa: E402
+
+from ribosome_data import ribosome_dataset  # noqa: E402
 
 from tiny_models import TINY_SAM_FLAGS, save_tiny_dinov2, save_tiny_sam, write_blob_tomogram  # noqa: E402
 
@@ -42,12 +43,7 @@ def cluster(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("raydata")
-    data = root / "data"
-    write_dataset(str(data), n=2, seed=5, settings=SynthSettings(shape=(64, 128, 128), snr=0.5, use_real_maps=False))
-    lines = (data / "prompts.csv").read_text().splitlines()
-    (root / "prompts.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.endswith(",ribosome")]) + "\n")
-    (data / "prompts.csv").unlink()
+    root, data = ribosome_dataset(tmp_path_factory.mktemp("raydata"), (64, 128, 128))
     (data / "broken.mrc").write_bytes(b"\0" * 5000)
     return root, data
 
