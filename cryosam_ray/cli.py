@@ -15,11 +15,12 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from cryosam_ray import __version__
 from cryosam_ray.config import CryoSamConfig, load_config, parse_override
-from cryosam_ray.errors import CryoSamError, RunInterrupted
+from cryosam_ray.errors import ConfigError, CryoSamError, RunInterrupted
 
 log = logging.getLogger("cryosam_ray")
 
@@ -100,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the full pipeline: prompts -> query -> matching -> every particle",
                          description="Writes DIR/picks.parquet, DIR/picks.csv, DIR/picks.star, "
                          "DIR/masks/<tomogram>_instances.mrc, DIR/masks/<tomogram>_semantic.mrc and DIR/run.json.")
-    run.add_argument("--tomograms", required=True, nargs="+", help="tomogram files, folders or globs (local or s3://)")
-    run.add_argument("--prompts", required=True, help="prompt table: CSV (tomogram,z,y,x[,class]), STAR or copick JSON")
+    run.add_argument("--tomograms", nargs="+", help="tomogram files, folders or globs (local or s3://); "
+                     "with --copick: the project's tomograms")
+    run.add_argument("--prompts", required=True, help="prompt table: CSV (tomogram,z,y,x[,class]), STAR or copick "
+                     "JSON; with --copick also copick:USER[/SESSION] (that user's picks, the object name their class)")
     run.add_argument("--out", required=True, help="output folder (local or s3://)")
     run.add_argument("--address", help="Ray: local (start one for this run, the default), auto (the running "
                      "cluster), ray://HOST:10001, or none (in this process, without Ray) (config ray.address)")
@@ -114,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "multiscale label images for napari / neuroglancer (config io.mask_format)")
     run.add_argument("--star-version", type=int, choices=(4, 5), help="picks.star for RELION 5 (centred "
                      "Angstrom, the default) or RELION 4 (voxels) (config io.star_version)")
+    run.add_argument("--copick", metavar="CONFIG", help="a copick project config JSON: read its runs' tomograms "
+                     "and write every class's picks and masks back as user copick.user (config copick.config)")
+    run.add_argument("--voxel-spacing", type=float, help="with --copick: the voxel spacing (A) of the tomograms "
+                     "to read (config copick.voxel_spacing)")
+    run.add_argument("--tomo-type", help="with --copick: the tomogram type to read, e.g. wbp, denoised "
+                     "(config copick.tomo_type)")
+    run.add_argument("--runs", help="with --copick: comma-separated run names (default: every run)")
+    run.add_argument("--copick-session", help="with --copick: session id of what is written (default: the run's "
+                     "date, YYYYMMDD) (config copick.session)")
     run.add_argument("--wait-for-lock", action="store_true", help="when another run holds --out, wait for it "
                      "to end instead of refusing (its lease: DIR/.cryosam.lock)")
     _config_args(run)
@@ -198,9 +210,38 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, {"io.voxel_size_a": args.voxel_size, "ray.address": args.address,
-                       "io.star_version": args.star_version, "io.mask_format": args.mask_format})
+                       "io.star_version": args.star_version, "io.mask_format": args.mask_format,
+                       "copick.config": args.copick, "copick.voxel_spacing": args.voxel_spacing,
+                       "copick.tomo_type": args.tomo_type, "copick.session": args.copick_session,
+                       "copick.runs": args.runs.split(",") if args.runs else None})
+    cfg = _copick_inputs(args, cfg)
     with _run_log(args.out, cfg.io.storage_options):
         return _run(args, cfg)
+
+
+def _copick_inputs(args: argparse.Namespace, cfg: CryoSamConfig) -> CryoSamConfig:
+    """With a copick project: its tomograms as ``args.tomograms``, ``copick:USER`` prompts
+    written to OUT/copick_prompts.csv (what the run reads, kept for the user to see), and the
+    session id fixed for every worker. Returns the config."""
+    from cryosam_ray.copick_io import PROMPTS_PREFIX, CopickError
+
+    if not cfg.copick.config:
+        if args.tomograms is None:
+            raise ConfigError("cryosam run needs --tomograms (or --copick CONFIG)")
+        if args.prompts.startswith(PROMPTS_PREFIX):
+            raise CopickError(f"--prompts {args.prompts}: copick prompts need --copick CONFIG")
+        return cfg
+    from cryosam_ray.copick_io import PromptSource, prompt_rows, prompts_csv, tomogram_urls
+    from cryosam_ray.storage import join, write_bytes_atomic
+
+    if cfg.copick.session is None:  # one session for every worker of this run
+        cfg = cfg.model_copy(update={"copick": cfg.copick.model_copy(update={"session": time.strftime("%Y%m%d")})})
+    args.tomograms = (args.tomograms or []) + tomogram_urls(cfg.copick)
+    if args.prompts.startswith(PROMPTS_PREFIX):
+        rows = prompt_rows(cfg.copick, PromptSource.parse(args.prompts))
+        args.prompts = write_bytes_atomic(join(args.out, "copick_prompts.csv"), prompts_csv(rows),
+                                          storage_options=cfg.io.storage_options)
+    return cfg
 
 
 @contextlib.contextmanager

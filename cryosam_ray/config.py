@@ -48,6 +48,19 @@ class IOConfig(_Section):
         "third of it while the run lives; a killed run's lease expires after this).")
 
 
+class CopickSection(_Section):
+    """A copick project as the run's source and destination (``cryosam run --copick``)."""
+
+    config: str | None = Field(None, description="The copick project's config JSON (None: no copick project).")
+    voxel_spacing: float | None = Field(None, gt=0, description="The voxel spacing (Angstrom) whose tomograms are "
+                                        "read and at which segmentations are written.")
+    tomo_type: str = Field("wbp", min_length=1, description="The tomogram type to read (wbp, denoised ...).")
+    runs: tuple[str, ...] | None = Field(None, description="Runs to process (None: every run holding the tomogram).")
+    user: str = Field("cryosam", min_length=1, description="copick user id of the picks and segmentations written.")
+    session: str | None = Field(None, description="copick session id of what is written (None: the run's date, "
+                                "YYYYMMDD, set when the run starts).")
+
+
 class SynthConfig(_Section):
     """Synthetic tomograms (``cryosam synth``): see :class:`cryosam_ray.synth.SynthSettings`."""
 
@@ -349,6 +362,7 @@ class CryoSamConfig(_Section):
     """The whole job configuration."""
 
     io: IOConfig = Field(default_factory=IOConfig)
+    copick: CopickSection = Field(default_factory=CopickSection)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)

@@ -263,7 +263,8 @@ def match_tomogram(group_url: str, queries: dict[str, ClassQuery], cfg: CryoSamC
 
 def finish_tomogram(header: TomogramHeader, particles: list[Particle], classes: list[str], out_dir: str,
                     cfg: CryoSamConfig) -> TomogramResult:
-    """Write one tomogram's masks and preview; return its picks and the files written."""
+    """Write one tomogram's masks and preview (and, with ``copick.config``, its picks and masks
+    into the copick project); return its picks and the files written."""
     tomo = open_with_stats(header, cfg)
     options = cfg.io.storage_options
     picks = picks_of(tomo, particles)
@@ -276,4 +277,8 @@ def finish_tomogram(header: TomogramHeader, particles: list[Particle], classes: 
     except BaseException:  # a full disk, a lost bucket: leave no half of this tomogram's outputs behind
         remove(planned, options)
         raise
+    if cfg.copick.config:  # the copick project gets this tomogram's picks and masks too
+        from cryosam_ray.copick_io import write_back
+
+        write_back(cfg.copick, tomo.name, tomo.shape, particles, picks, classes)
     return TomogramResult(picks, files)

@@ -2,7 +2,8 @@
 
 napari (napari-ome-zarr) and neuroglancer open the result directly: a zarr (format 2) group with
 ``multiscales`` metadata (axes z, y, x in Angstrom, a scale transform per level) and
-``image-label`` metadata. Level ``0`` is full resolution; level ``k`` takes every ``2**k``-th
+``image-label`` metadata, chunk keys nested (``z/y/x``, as OME-NGFF 0.4 asks and copick reads).
+Level ``0`` is full resolution; level ``k`` takes every ``2**k``-th
 voxel (nearest neighbour: labels are never averaged). Level 0 is filled particle by particle
 (each writes only the chunks its box touches) and the smaller levels are made slab by slab from
 it, so no whole volume is ever in memory.
@@ -36,7 +37,7 @@ def write_label_image(url: str, shape: tuple[int, int, int], masks, voxel_size_a
     for k in range(levels):
         level_shape = tuple(-(-s // 2**k) for s in shape)
         arrays.append(create_array(group, str(k), shape=level_shape, dtype=dtype,
-                                   chunks=tuple(min(CHUNK, s) for s in level_shape)))
+                                   chunks=tuple(min(CHUNK, s) for s in level_shape), nested=True))
     full = arrays[0]
     for (z0, y0, x0, z1, y1, x1), mask, label in masks:
         region = np.asarray(full[z0:z1, y0:y1, x0:x1])

@@ -139,7 +139,7 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
     for i, p in enumerate(prompts):
         if not all(-0.5 <= v < s - 0.5 for v, s in zip(p, shape)):
             messages[i] = f"prompt (z={p[0]:g}, y={p[1]:g}, x={p[2]:g}) is outside the volume of shape {shape}"
-            log.warning("%s: %s", tomogram.name, messages[i])
+            log.info("%s: %s", tomogram.name, messages[i])
             continue
         for axis in axes:
             index, point = _seed_point(p, axis)
@@ -175,7 +175,7 @@ def propagate(segmenter: PromptableSegmenter, tomogram, prompts: np.ndarray, *,
         if not accepted[i] and not messages[i]:
             messages[i] = (f"no particle found at prompt (z={p[0]:g}, y={p[1]:g}, x={p[2]:g}): "
                            "empty background or too little contrast")
-            log.warning("%s: %s", tomogram.name, messages[i])
+            log.info("%s: %s", tomogram.name, messages[i])
         instances.append(_assemble(tuple(float(v) for v in p), accepted[i], messages[i]))
     return instances
 

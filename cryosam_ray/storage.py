@@ -225,13 +225,16 @@ def open_group(url: str, mode: str = "a", storage_options: dict | None = None, *
     return retry_on_race(lambda: zarr.open_group(store=zarr_store(url, storage_options), mode=mode, **extra))
 
 
-def create_array(group, name: str, *, shape, dtype, chunks, fill_value=0, overwrite: bool = False):
-    """A new array ``name`` in ``group`` (replacing one with ``overwrite``)."""
+def create_array(group, name: str, *, shape, dtype, chunks, fill_value=0, overwrite: bool = False,
+                 nested: bool = False):
+    """A new array ``name`` in ``group`` (replacing one with ``overwrite``). ``nested``: chunk keys
+    ``z/y/x`` rather than ``z.y.x`` in a format 2 group (what OME-NGFF 0.4 and copick read)."""
     if hasattr(group, "create_array"):  # zarr 3
+        extra = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if nested else {}
         return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, **extra)
     return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
-                                overwrite=overwrite)
+                                overwrite=overwrite, **({"dimension_separator": "/"} if nested else {}))
 
 
 def require_array(group, name: str, *, shape, dtype, chunks, fill_value=0):

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -55,8 +56,16 @@ class VolumeStats:
     high: float  # 99.9 percentile
 
 
+_COPICK_LAYOUT = re.compile(r"/ExperimentRuns/([^/]+)/VoxelSpacing[0-9.]+/[^/]+\.zarr$")
+
+
 def tomogram_name(url: str) -> str:
-    """The tomogram's name: the file stem without the volume suffixes (``TS_01.mrc`` -> ``TS_01``)."""
+    """The tomogram's name: the file stem without the volume suffixes (``TS_01.mrc`` -> ``TS_01``);
+    for a tomogram of a copick project (``.../ExperimentRuns/<run>/VoxelSpacing<A>/<type>.zarr``)
+    the copick run's name, as copick and the prompts name it."""
+    copick = _COPICK_LAYOUT.search(str(url).rstrip("/"))
+    if copick:
+        return copick.group(1)
     name = str(url).rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".ome.zarr", *ZARR_SUFFIXES, *MRC_SUFFIXES):
         if name.lower().endswith(suffix):

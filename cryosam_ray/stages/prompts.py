@@ -3,6 +3,8 @@ its density profile when the density stage is on."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from cryosam_ray.config import CryoSamConfig
@@ -12,6 +14,8 @@ from cryosam_ray.propagation import propagate
 from cryosam_ray.tables import Point
 from cryosam_ray.tomo_io import Tomogram
 
+log = logging.getLogger(__name__)
+
 
 def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: CryoSamConfig) -> list[Particle]:
     """The prompt instances of one tomogram (empty ones are logged and dropped)."""
@@ -19,6 +23,9 @@ def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: Cry
     prop = cfg.propagation
     instances = propagate(segmenter, tomogram, coords, directions=prop.directions,
                           iou_threshold=prop.iou_threshold, max_steps=prop.max_steps)
+    for point, inst in zip(points, instances):
+        if inst.empty:  # a user's click that gave nothing: say so (proposals that do are routine)
+            log.warning("%s: %s prompt: %s", tomogram.name, point.cls, inst.message)
     particles = [Particle(p.cls, inst, "prompt") for p, inst in zip(points, instances) if not inst.empty]
     if uses_density(cfg):
         maps: dict[int, DensityMap] = {}
