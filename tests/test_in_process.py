@@ -207,6 +207,19 @@ def test_a_failed_write_leaves_none_of_the_tomograms_outputs(dataset, tmp_path, 
     assert outputs.output_urls(str(out), "synth_000", "mrc")[0].endswith("synth_000_instances.mrc")
 
 
+def _committed_shards(group, axis: int) -> list[str]:
+    """Shard indices whose done flag is written in a feature group (chunk files of ``done<axis>``:
+    ``c/<i>`` in zarr 3's layout, ``<i>`` in zarr 2's)."""
+    return [p.name for p in group.glob(f"done{axis}/**/*")
+            if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json"]
+
+
+def _shard_chunks(group, axis: int, shard: str) -> list:
+    """The chunk files of shard ``shard`` of axis ``axis`` (``c/<i>/...`` in zarr 3, ``<i>.0.0.0`` in zarr 2)."""
+    files = list(group.glob(f"axis{axis}/c/{shard}/**/*")) + list(group.glob(f"axis{axis}/{shard}.*"))
+    return [p for p in files if p.is_file()]
+
+
 def _kill_when(command, ready, timeout=120.0):
     """Start ``command``, SIGKILL it as soon as ``ready()`` holds (or it ends). Returns its exit code."""
     import signal
@@ -231,14 +244,13 @@ def test_a_killed_driver_resumes_with_identical_picks_and_no_recomputed_shard(da
     command = [sys.executable, "-m", "cryosam_ray.cli", "run", "--tomograms", *inputs, "--prompts", str(prompts),
                "--out", str(out), "--address", "none", "--no-progress"]
     ready = {
-        "encoding": lambda: len(list(out.glob("features/*/done0/c/*"))) >= 2,  # two shards committed
+        "encoding": lambda: sum(len(_committed_shards(g, 0)) for g in out.glob("features/*")) >= 2,
         "between tomograms": lambda: (out / "tomograms" / "synth_000.json").exists(),
         "writing": lambda: any(out.glob("masks/synth_001_instances.mrc")),
     }[point]
     assert _kill_when(command, ready) == -9  # killed, not finished
     committed = {chunk: chunk.stat().st_mtime_ns for group in out.glob("features/*") for axis in range(3)
-                 for flag in group.glob(f"done{axis}/c/*")  # shard i is committed once its flag is written
-                 for chunk in group.glob(f"axis{axis}/c/{flag.name}/**/*") if chunk.is_file()}
+                 for shard in _committed_shards(group, axis) for chunk in _shard_chunks(group, axis, shard)}
     records = {p.name: p.read_text() for p in (out / "tomograms").glob("*.json")}
     assert main(command[3:]) == 0
     assert committed or point != "encoding"
