@@ -31,7 +31,8 @@ from cryosam_ray.errors import (
     NotAVolumeError,
     TomogramNotFoundError,
 )
-from cryosam_ray.storage import fingerprint, is_remote, join, local_copy, write_file_atomic, zarr_store
+from cryosam_ray.storage import (fingerprint, is_remote, join, local_copy, local_zarr_copy, write_file_atomic,
+                                 zarr_store)
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,17 @@ class Tomogram:
 
     Attributes:
         url: where it was opened from (local path or fsspec URL).
-        name: the file stem, used as the tomogram's id in tables.
+        name: its id in tables and output names: the file stem, or the name it was opened with
+            (a copick run's).
         shape: (D, H, W) = (nz, ny, nx).
         voxel_size_a: isotropic voxel size in Angstrom (the x spacing when anisotropic).
     """
 
-    def __init__(self, url: str, array, voxel_size_a: float, storage_options: dict | None = None):
+    def __init__(self, url: str, array, voxel_size_a: float, storage_options: dict | None = None,
+                 name: str | None = None):
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
-        self.name = tomogram_name(url)
+        self.name = name or tomogram_name(url)
         self._array = array
         self.shape: tuple[int, int, int] = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -213,7 +216,8 @@ def data_fingerprint(tomogram: "Tomogram") -> dict:
 
 
 def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
-                  storage_options: dict | None = None, cache_dir: str | None = None) -> Tomogram:
+                  storage_options: dict | None = None, cache_dir: str | None = None,
+                  name: str | None = None) -> Tomogram:
     """Open an MRC file or a zarr / OME-Zarr array as a lazy ZYX :class:`Tomogram`.
 
     Args:
@@ -221,7 +225,9 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
         voxel_size_a: overrides the voxel size in the file (Angstrom).
         storage_options: passed to fsspec (credentials, endpoint); default from the environment.
         cache_dir: with a remote MRC file, read it from a local copy kept here (see
-            :func:`cryosam_ray.storage.local_copy`); None: ranged reads from the remote file.
+            :func:`cryosam_ray.storage.local_copy`); with a zarr array (local or remote), from a
+            decompressed copy (:func:`cryosam_ray.storage.local_zarr_copy`); None: read in place.
+        name: the tomogram's name (default: the file stem, :func:`tomogram_name`).
 
     Raises:
         TomogramNotFoundError: nothing at ``url``.
@@ -233,7 +239,8 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if not fs.exists(path):
         raise TomogramNotFoundError(url, "no such file or directory")
-    if _looks_like_zarr(fs, path):
+    zarr_input = _looks_like_zarr(fs, path)
+    if zarr_input:
         array, header_voxel = _open_zarr(url, fs, path)
     elif cache_dir and is_remote(url):
         local = local_copy(url, cache_dir, storage_options)
@@ -250,7 +257,9 @@ def open_tomogram(url: str | os.PathLike, *, voxel_size_a: float | None = None,
     if voxel is None or not math.isfinite(voxel) or voxel <= 0:
         raise BadVoxelSizeError(url, f"voxel size is {voxel!r} Angstrom; expected a positive number. "
                                 "Fix the header or pass voxel_size_a (--voxel-size)")
-    return Tomogram(url, array, voxel, storage_options)
+    if zarr_input and cache_dir:
+        array = local_zarr_copy(url, array, cache_dir, storage_options)
+    return Tomogram(url, array, voxel, storage_options, name)
 
 
 def _looks_like_zarr(fs, path: str) -> bool:
