@@ -182,7 +182,9 @@ def zarr_fingerprint(url: str, storage_options: dict | None = None) -> dict:
     stamp of its metadata files, at the top and one level down (an OME-Zarr's scale levels).
 
     A folder's own stamp does not do: an object store has none, and a local one changes only when
-    entries are added or removed. Rewriting a volume (copick's ``from_numpy``) rewrites these files.
+    entries are added or removed. Rewriting a volume (copick's ``from_numpy``) rewrites these files;
+    chunks rewritten in place, or identical metadata rewritten within the same second on S3 (whose
+    stamps have that resolution), go unseen.
     """
     fs, path = filesystem(url, storage_options)
     path = path.rstrip("/")

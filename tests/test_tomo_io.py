@@ -93,6 +93,35 @@ def test_zarr_array_and_ome_zarr(tmp_path, small_volume):
     np.testing.assert_array_equal(tomo.read(), small_volume)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_zarr_tomogram_is_read_from_one_decompressed_copy(where, tmp_path, small_volume, request):
+    from cryosam_ray.storage import create_array, open_group
+
+    base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    url = f"{base}/TS_04.ome.zarr"
+
+    def write(volume, chunks):  # an OME-Zarr with chunks smaller than the volume, rewritten as copick does
+        group = open_group(url, "w")
+        create_array(group, "0", shape=volume.shape, dtype=volume.dtype, chunks=chunks, overwrite=True)[:] = volume
+        group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in "zyx"],
+                                       "datasets": [{"path": "0", "coordinateTransformations": [
+                                           {"type": "scale", "scale": [9.0, 9.0, 9.0]}]}]}]
+
+    write(small_volume, (8, 8, 8))
+    cache = tmp_path / "cache"
+    tomo = open_tomogram(url, cache_dir=str(cache), name="run_7")
+    assert tomo.name == "run_7" and tomo.url == url and tomo.voxel_size_a == 9.0
+    assert isinstance(tomo._array, np.memmap)  # read in place no more
+    np.testing.assert_array_equal(tomo.slab("y", 3, 9), np.moveaxis(small_volume[:, 3:9], 1, 0))
+    copies = sorted(cache.iterdir())
+    assert len(copies) == 1 and copies[0].name.endswith("-TS_04.ome.zarr.npy")
+    open_tomogram(url, cache_dir=str(cache))
+    assert sorted(cache.iterdir()) == copies  # made once
+    # A rewritten volume has new metadata files (on S3 told apart by content or a later second): a new copy.
+    write(small_volume * 2, (4, 8, 8))
+    np.testing.assert_array_equal(open_tomogram(url, cache_dir=str(cache)).read(), small_volume * 2)
+
+
 def test_zarr_without_voxel_size_needs_an_override(tmp_path, small_volume):
     import zarr
 
