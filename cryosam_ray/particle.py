@@ -72,6 +72,10 @@ class ClassQuery:
             1 for several (their median is robust; widening by their spread lets leaky masks
             claim true neighbours). The lower bound does not widen: small background fragments
             would pass the score cut.
+        prior_radius: the class's radius known beforehand, voxels (a copick pickable object's
+            ``radius`` over the voxel spacing); with ``propagation.size_prior`` the segmenter gets it
+            instead of ``radius`` (the prompts' masks may be leaky or partial; a curated radius is
+            not). Matching and the density stage keep ``radius``, the scale they were tuned at.
     """
 
     cls: str
@@ -82,6 +86,7 @@ class ClassQuery:
     shells: np.ndarray | None = None
     polarity: float = -1.0
     max_size_factor: float = 1.0
+    prior_radius: float | None = None
 
 
 @dataclass

@@ -60,7 +60,7 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
     found: list[Particle] = []
     lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels
     hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels * query.max_size_factor
-    radius = query.radius if prop.size_prior else None
+    radius = (query.prior_radius or query.radius) if prop.size_prior else None
     order = list(range(len(proposals)))
     while order:
         batch = [i for i in order[:inst_cfg.batch] if not claimed.at(np.rint(proposals.zyx[i]))]

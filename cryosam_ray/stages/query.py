@@ -29,8 +29,11 @@ def query_parts(volume: FeatureVolume, particles: list[Particle]) -> list[QueryP
     return list(parts.values())
 
 
-def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
-    """The paper's query: sum over all prompt voxels of a class, wherever they lie, over their count."""
+def combine_queries(parts: list[QueryPart], *, radii: dict[str, float] | None = None) -> dict[str, ClassQuery]:
+    """The paper's query: sum over all prompt voxels of a class, wherever they lie, over their count.
+
+    ``radii``: a known radius per class in voxels (a copick object's), each query's ``prior_radius``.
+    """
     merged: dict[str, QueryPart] = {}
     for part in parts:
         acc = merged.setdefault(part.cls, QueryPart(part.cls, np.zeros_like(part.feature_sum),
@@ -48,7 +51,7 @@ def combine_queries(parts: list[QueryPart]) -> dict[str, ClassQuery]:
             cls, (part.feature_sum / part.voxels).astype(np.float32), part.background_sum / part.voxels, median,
             equivalent_radius(median), shells=np.mean([p.shells for p in profiles], axis=0) if profiles else None,
             polarity=1.0 if sum(p.polarity for p in profiles) > 0 else -1.0,
-            max_size_factor=max_size_factor(len(part.sizes)))
+            max_size_factor=max_size_factor(len(part.sizes)), prior_radius=(radii or {}).get(cls))
     return queries
 
 
