@@ -42,7 +42,8 @@ class IOConfig(_Section):
         "centre) or RELION 4 (rlnCoordinate* in voxels); both state the pixel size in data_optics.")
     cache_dir: str | None = Field(
         "auto", description="Where workers keep a local copy of each remote MRC tomogram they read (one download "
-        "instead of ranged reads per slab along every axis); auto: <temp dir>/cryosam-tomograms; null: no copy.")
+        "instead of ranged reads per slab along every axis) and a decompressed copy of each zarr tomogram (zarr "
+        "decodes a whole chunk for every slice through it); auto: <temp dir>/cryosam-tomograms; null: no copy.")
     lease_ttl_s: float = Field(
         120.0, ge=5, description="Seconds a run's lease on its output folder lasts unless renewed (renewed every "
         "third of it while the run lives; a killed run's lease expires after this).")

@@ -143,10 +143,15 @@ def prompts_csv(rows) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def object_radii(section: CopickSection) -> dict[str, float]:
-    """Pickable objects' radii in Angstrom, where the project states one."""
+def prior_radii(section: CopickSection) -> dict[str, float]:
+    """Class radii known beforehand, in voxels: the pickable objects' ``radius`` (Angstrom) over
+    the voxel spacing, where the project states one; empty without a copick project. They become
+    the queries' ``prior_radius`` (the size prior given to the segmenter)."""
+    if not section.config or not section.voxel_spacing:
+        return {}
     root = open_project(section.config)
-    return {o.name: float(o.radius) for o in root.pickable_objects if getattr(o, "radius", None)}
+    return {o.name: float(o.radius) / section.voxel_spacing for o in root.pickable_objects
+            if getattr(o, "radius", None)}
 
 
 def write_back(section: CopickSection, run_name: str, shape: tuple[int, int, int], particles, picks, classes) -> None:

@@ -13,7 +13,8 @@ import pytest
 copick = pytest.importorskip("copick")
 
 from cryosam_ray.cli import main  # noqa: E402
-from cryosam_ray.copick_io import PromptSource, _import_copick  # noqa: E402
+from cryosam_ray.config import CopickSection  # noqa: E402
+from cryosam_ray.copick_io import PromptSource, _import_copick, prior_radii  # noqa: E402
 from cryosam_ray.tables import read_picks  # noqa: E402
 from cryosam_ray.tomo_io import read_mrc  # noqa: E402
 
@@ -153,3 +154,9 @@ def test_a_project_on_s3(tmp_path, s3_bucket):
     assert set(written) == set(table) == {prompt_run}
     assert [w[0] for w in written[prompt_run]] == [t[0] for t in table[prompt_run]]
     assert np.allclose([w[1:] for w in written[prompt_run]], [t[1:] for t in table[prompt_run]], atol=1e-4)
+
+
+def test_the_objects_radii_are_the_size_prior_in_voxels(local_project):
+    _, config = local_project
+    assert prior_radii(CopickSection(config=str(config), voxel_spacing=SPACING)) == {"ribosome": 12.0}
+    assert prior_radii(CopickSection()) == {}

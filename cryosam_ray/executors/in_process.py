@@ -12,6 +12,7 @@ import logging
 import time
 
 from cryosam_ray.config import CryoSamConfig
+from cryosam_ray.copick_io import prior_radii
 from cryosam_ray.errors import CryoSamError, RunInterrupted
 from cryosam_ray.job import (EmbedderWorker, EncoderWorker, SegmenterWorker, TomogramHeader, embedding_shards,
                              finish_tomogram, match_tomogram, open_feature_group, precomputes_embeddings,
@@ -78,7 +79,7 @@ class _Run:
                 self.timer.add("parts", t)
             except (CryoSamError, OSError) as exc:  # one tomogram's failure (a bad file, a full disk)
                 self._fail(name, exc)
-        queries = combine_queries(parts)
+        queries = combine_queries(parts, radii=prior_radii(cfg.copick))
         if not queries:
             raise no_query_error(self.plan, self.failures)
         classes = sorted(queries)

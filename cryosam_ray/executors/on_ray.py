@@ -30,6 +30,7 @@ from collections import defaultdict, deque
 import ray
 
 from cryosam_ray.config import CryoSamConfig, PoolConfig
+from cryosam_ray.copick_io import prior_radii
 from cryosam_ray.console import Progress, stderr_to_log
 from cryosam_ray.errors import CryoSamError, RunInterrupted
 from cryosam_ray.executors.schedule import Event, Pending, StallError, TomoState
@@ -282,7 +283,7 @@ class _RayRun:
         if self.queries is None and not self.waiting_parts:
             if not self.parts:
                 raise no_query_error(self.plan, {t.name: t.error for t in self.tomos.values() if t.error})
-            self.queries = combine_queries(self.parts)
+            self.queries = combine_queries(self.parts, radii=prior_radii(self.cfg.copick))
             for t in self.tomos.values():
                 self._advance(t)
 
