@@ -74,9 +74,14 @@ def open_project(path: str):
     if not Path(path).is_file():
         raise CopickError(f"--copick {path}: no such file (expected a copick project config JSON)")
     try:
-        json.loads(Path(path).read_text())
+        kind = json.loads(Path(path).read_text()).get("config_type", "filesystem")
+        if kind != "filesystem":  # tomograms are read at their URL in copick's filesystem layout
+            raise CopickError(f"--copick {path}: config_type {kind!r}; only filesystem projects (local or s3://) "
+                              "are supported")
         return copick.from_file(path)
-    except (ValueError, TypeError, KeyError, OSError) as exc:  # bad JSON, a config copick's model refuses
+    except CopickError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:  # bad JSON, a config copick refuses
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CopickError(f"--copick {path}: not a usable copick project config: {first}") from exc
 

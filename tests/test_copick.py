@@ -122,13 +122,16 @@ def test_a_rerun_resumes_and_runs_select_what_is_read(local_project, tmp_path):
     ("unknown run", "no run ['TS_99']"),
     ("unknown user", "no picks of that user"),
     ("no such tomogram type", "no 'denoised' tomogram at voxel spacing 10 A"),
+    ("data portal config", "only filesystem projects"),
 ])
 def test_copick_inputs_that_cannot_be_used_are_one_line(local_project, tmp_path, capsys, case, expected):
     root, config = local_project
     args = {"missing config": ([], tmp_path / "none.json"), "not JSON": ([], tmp_path / "bad.json"),
             "unknown run": (["--runs", "TS_99"], config), "unknown user": ([], config),
-            "no such tomogram type": (["--tomo-type", "denoised"], config)}[case]
+            "no such tomogram type": (["--tomo-type", "denoised"], config),
+            "data portal config": ([], tmp_path / "portal.json")}[case]
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "portal.json").write_text(json.dumps({"config_type": "cryoet_data_portal", "dataset_ids": [10301]}))
     extra, path = args
     argv = ["run", "--copick", str(path), "--voxel-spacing", "10", "--tomo-type", "wbp", "--out",
             str(tmp_path / "out"), "--address", "none", "--no-progress",
