@@ -81,11 +81,12 @@ class SlabFiltered:
         base = np.floor(zyx).astype(np.int64)
         frac = zyx - base
         top = np.minimum(base + 1, np.asarray(self.shape) - 1)
+        corners = [np.array(corner, bool) for corner in np.ndindex(2, 2, 2)]
+        # All eight corners in one call: each slab is filtered once, however many the cache keeps.
+        values = self.values(np.concatenate([np.where(c, top, base) for c in corners])).reshape(8, len(zyx))
         total = np.zeros(len(zyx), np.float64)
-        for corner in np.ndindex(2, 2, 2):
-            index = np.where(np.array(corner, bool), top, base)
-            weight = np.prod(np.where(np.array(corner, bool), frac, 1 - frac), axis=1)
-            total += weight * self.values(index)
+        for c, corner_values in zip(corners, values):
+            total += np.prod(np.where(c, frac, 1 - frac), axis=1) * corner_values
         return total.astype(np.float32)
 
     def local_maxima(self, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,3 +50,18 @@ def test_reflect_index_folds_like_np_pad_reflect():
         pad = 13
         padded = np.pad(np.arange(size), pad, mode="reflect")
         assert np.array_equal(reflect_index(np.arange(-pad, size + pad), size), padded)
+
+
+def test_each_slab_is_filtered_once_per_query_however_small_the_cache():
+    volume = np.random.default_rng(3).normal(size=(17, 10, 10)).astype(np.float32)
+    calls = []
+
+    def counted(block):
+        calls.append(len(block))
+        return _log(block)
+
+    plane = volume.shape[1] * volume.shape[2] * 4
+    sliced = SlabFiltered(volume, counted, halo=8, slab_bytes=3 * plane, budget_bytes=6 * plane)
+    points = np.stack([np.linspace(0, 16, 40), np.full(40, 4.5), np.full(40, 5.5)], axis=1)
+    sliced.interpolate(points)
+    assert len(calls) == 6  # 17 planes in slabs of 3: each filtered once, though only 2 are kept
