@@ -29,7 +29,7 @@ class SlabFiltered:
             along z is at most ``halo`` planes and whose edge mode is ``reflect`` or ``nearest``.
         halo: the filter's reach along z, in planes.
         budget_bytes: the most filtered slabs kept at once.
-        slab_bytes: the size of one slab.
+        slab_bytes: the size of one slab (at least ``2 * halo`` planes).
     """
 
     def __init__(self, data: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], halo: int, *,
@@ -37,7 +37,9 @@ class SlabFiltered:
         self.data, self.fn, self.halo = data, fn, int(halo)
         self.shape = data.shape
         plane = max(1, data.shape[1] * data.shape[2] * 4)
-        self.depth = max(1, min(data.shape[0], slab_bytes // plane))
+        # At least twice the halo deep: the margins then cost at most the slab itself (a 1024 x 1024
+        # plane would otherwise give 8-plane slabs that each filter 50 planes).
+        self.depth = max(1, min(data.shape[0], max(slab_bytes // plane, 2 * self.halo)))
         self.keep = max(2, budget_bytes // (self.depth * plane))
         self._slabs: OrderedDict[int, np.ndarray] = OrderedDict()
 

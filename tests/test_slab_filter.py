@@ -12,31 +12,35 @@ def _log(block: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_laplace(block, 1.7)
 
 
+HALO = int(4 * 1.7 + 0.5) + 1  # scipy's Gaussian reach at sigma 1.7 (truncate 4)
+
+
 def _sliced(volume: np.ndarray, **kw) -> SlabFiltered:
-    """Slabs of 3 planes, at most 2 kept: every query crosses slabs and evicts some."""
+    """Slabs of 2 * HALO = 16 planes (the least), at most 2 kept: queries cross slabs and evict some."""
     plane = volume.shape[1] * volume.shape[2] * 4
-    return SlabFiltered(volume, _log, halo=int(4 * 1.7 + 0.5) + 1, slab_bytes=3 * plane, budget_bytes=6 * plane, **kw)
+    return SlabFiltered(volume, _log, halo=HALO, slab_bytes=plane, budget_bytes=32 * plane, **kw)
 
 
 def test_slabs_equal_the_whole_volume_filter():
-    volume = np.random.default_rng(0).normal(size=(17, 20, 23)).astype(np.float32)
+    volume = np.random.default_rng(0).normal(size=(53, 20, 23)).astype(np.float32)
     whole = _log(volume)
     sliced = _sliced(volume)
     assert np.array_equal(sliced.region((0, 0, 0), volume.shape), whole)
-    assert np.array_equal(sliced.region((4, 3, 2), (12, 9, 20)), whole[4:12, 3:9, 2:20])
-    index = np.array([[0, 0, 0], [16, 19, 22], [5, 7, 9], [6, 1, 2]])
+    assert np.array_equal(sliced.region((4, 3, 2), (40, 9, 20)), whole[4:40, 3:9, 2:20])
+    index = np.array([[0, 0, 0], [52, 19, 22], [5, 7, 9], [36, 1, 2], [17, 4, 4]])
     assert np.array_equal(sliced.values(index), whole[tuple(index.T)])
 
 
 def test_interpolation_matches_map_coordinates_inside_and_beyond_the_edges():
-    volume = np.random.default_rng(1).normal(size=(11, 12, 13)).astype(np.float32)
-    points = np.array([[0.3, 4.5, 7.2], [10.0, 11.0, 12.0], [-2.0, 5.5, 13.7], [5.25, -0.5, 6.0], [9.9, 3.1, 0.0]])
+    volume = np.random.default_rng(1).normal(size=(40, 12, 13)).astype(np.float32)
+    points = np.array([[0.3, 4.5, 7.2], [39.0, 11.0, 12.0], [-2.0, 5.5, 13.7], [15.5, -0.5, 6.0], [31.9, 3.1, 0.0],
+                       [45.0, 2.0, 2.0]])
     expected = ndimage.map_coordinates(_log(volume), points.T, order=1, mode="nearest")
     assert np.allclose(_sliced(volume).interpolate(points), expected, atol=1e-6)
 
 
 def test_local_maxima_match_a_whole_volume_maximum_filter():
-    volume = ndimage.gaussian_filter(np.random.default_rng(2).normal(size=(19, 24, 24)), 1.0).astype(np.float32)
+    volume = ndimage.gaussian_filter(np.random.default_rng(2).normal(size=(50, 24, 24)), 1.0).astype(np.float32)
     whole = _log(volume)
     mask = (whole == ndimage.maximum_filter(whole, size=5)) & (whole > 0)
     points, values = _sliced(volume).local_maxima(5)
@@ -53,7 +57,7 @@ def test_reflect_index_folds_like_np_pad_reflect():
 
 
 def test_each_slab_is_filtered_once_per_query_however_small_the_cache():
-    volume = np.random.default_rng(3).normal(size=(17, 10, 10)).astype(np.float32)
+    volume = np.random.default_rng(3).normal(size=(70, 10, 10)).astype(np.float32)
     calls = []
 
     def counted(block):
@@ -61,7 +65,8 @@ def test_each_slab_is_filtered_once_per_query_however_small_the_cache():
         return _log(block)
 
     plane = volume.shape[1] * volume.shape[2] * 4
-    sliced = SlabFiltered(volume, counted, halo=8, slab_bytes=3 * plane, budget_bytes=6 * plane)
-    points = np.stack([np.linspace(0, 16, 40), np.full(40, 4.5), np.full(40, 5.5)], axis=1)
+    sliced = SlabFiltered(volume, counted, halo=HALO, slab_bytes=plane, budget_bytes=32 * plane)
+    points = np.stack([np.linspace(0, 69, 40), np.full(40, 4.5), np.full(40, 5.5)], axis=1)
     sliced.interpolate(points)
-    assert len(calls) == 6  # 17 planes in slabs of 3: each filtered once, though only 2 are kept
+    assert sliced.depth == 2 * HALO and sliced.keep == 2
+    assert len(calls) == 5  # 70 planes in slabs of 16: each filtered once, though only 2 are kept
