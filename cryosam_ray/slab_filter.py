@@ -4,20 +4,22 @@ copy of its density plus a bounded cache, never a whole-volume array per filter.
 :class:`SlabFiltered` applies a separable filter (a Gaussian derivative, say) to z slabs of a
 (D, H, W) array, each read with a margin of ``halo`` planes: along z the filter then sees the
 same inputs as on the whole volume, and the in-plane passes never mix planes, so every value
-equals the whole-volume result bit for bit. Slabs are kept in a least-recently-used cache of
-``budget_bytes``; a volume smaller than that is filtered once, as before.
+equals the whole-volume result bit for bit. Each slab is filtered once, when first asked for,
+and kept: in memory while the filtered volume fits in ``budget_bytes``, otherwise in an unlinked
+scratch file (a memory map whose pages the kernel writes back and reclaims), so a 2 GiB tomogram
+costs no anonymous memory per filter and no slab is ever filtered twice.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import tempfile
 from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
 SLAB_BYTES = 32 * 2**20  # one slab: large enough that the margins cost little
-BUDGET_BYTES = 256 * 2**20  # slabs kept per filter
+BUDGET_BYTES = 256 * 2**20  # a filtered volume up to this size is kept in memory
 
 
 class SlabFiltered:
@@ -28,32 +30,42 @@ class SlabFiltered:
         fn: the filter, (d, H, W) -> (d, H, W) float32; any scipy.ndimage filter whose reach
             along z is at most ``halo`` planes and whose edge mode is ``reflect`` or ``nearest``.
         halo: the filter's reach along z, in planes.
-        budget_bytes: the most filtered slabs kept at once.
+        budget_bytes: the largest filtered volume kept in memory; a larger one goes to a scratch
+            file in ``scratch_dir`` (default: the system's temporary folder).
         slab_bytes: the size of one slab (at least ``2 * halo`` planes).
     """
 
     def __init__(self, data: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], halo: int, *,
-                 budget_bytes: int = BUDGET_BYTES, slab_bytes: int = SLAB_BYTES):
+                 budget_bytes: int = BUDGET_BYTES, slab_bytes: int = SLAB_BYTES, scratch_dir: str | None = None):
         self.data, self.fn, self.halo = data, fn, int(halo)
         self.shape = data.shape
         plane = max(1, data.shape[1] * data.shape[2] * 4)
         # At least twice the halo deep: the margins then cost at most the slab itself (a 1024 x 1024
         # plane would otherwise give 8-plane slabs that each filter 50 planes).
         self.depth = max(1, min(data.shape[0], max(slab_bytes // plane, 2 * self.halo)))
-        self.keep = max(2, budget_bytes // (self.depth * plane))
-        self._slabs: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.in_memory = data.shape[0] * plane <= budget_bytes
+        self.scratch_dir = scratch_dir
+        self._store: np.ndarray | None = None
+        self._done = np.zeros(-(-data.shape[0] // self.depth), bool)
+        self.filtered = 0  # slabs filtered so far (each once)
+
+    def _storage(self) -> np.ndarray:
+        if self._store is None:
+            if self.in_memory:
+                self._store = np.empty(self.shape, np.float32)
+            else:  # unlinked at once: nothing is left behind, however the process ends
+                self._store = np.memmap(tempfile.TemporaryFile(dir=self.scratch_dir), np.float32, "w+", shape=self.shape)
+        return self._store
 
     def _slab(self, k: int) -> np.ndarray:
-        if k in self._slabs:
-            self._slabs.move_to_end(k)
-            return self._slabs[k]
         z0, z1 = k * self.depth, min((k + 1) * self.depth, self.shape[0])
-        lo, hi = max(0, z0 - self.halo), min(self.shape[0], z1 + self.halo)
-        slab = np.ascontiguousarray(self.fn(self.data[lo:hi])[z0 - lo:z1 - lo], dtype=np.float32)
-        self._slabs[k] = slab
-        while len(self._slabs) > self.keep:
-            self._slabs.popitem(last=False)
-        return slab
+        store = self._storage()
+        if not self._done[k]:
+            lo, hi = max(0, z0 - self.halo), min(self.shape[0], z1 + self.halo)
+            store[z0:z1] = self.fn(self.data[lo:hi])[z0 - lo:z1 - lo]
+            self._done[k] = True
+            self.filtered += 1
+        return store[z0:z1]
 
     def region(self, lo, hi) -> np.ndarray:
         """The filtered box [lo, hi) (ZYX, end-exclusive, inside the volume), as a new array."""
@@ -63,7 +75,7 @@ class SlabFiltered:
             a = max(z0, k * self.depth) - k * self.depth
             b = min(z1, (k + 1) * self.depth) - k * self.depth
             parts.append(self._slab(k)[a:b, y0:y1, x0:x1])
-        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
     def values(self, index: np.ndarray) -> np.ndarray:
         """(N,) filtered values at (N, 3) integer ZYX indices inside the volume."""
@@ -84,7 +96,7 @@ class SlabFiltered:
         frac = zyx - base
         top = np.minimum(base + 1, np.asarray(self.shape) - 1)
         corners = [np.array(corner, bool) for corner in np.ndindex(2, 2, 2)]
-        # All eight corners in one call: each slab is filtered once, however many the cache keeps.
+        # All eight corners in one call: slabs are visited in order, once each.
         values = self.values(np.concatenate([np.where(c, top, base) for c in corners])).reshape(8, len(zyx))
         total = np.zeros(len(zyx), np.float64)
         for c, corner_values in zip(corners, values):

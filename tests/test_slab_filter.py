@@ -56,7 +56,7 @@ def test_reflect_index_folds_like_np_pad_reflect():
         assert np.array_equal(reflect_index(np.arange(-pad, size + pad), size), padded)
 
 
-def test_each_slab_is_filtered_once_per_query_however_small_the_cache():
+def test_each_slab_is_filtered_once_and_a_large_volume_goes_to_a_scratch_file(tmp_path):
     volume = np.random.default_rng(3).normal(size=(70, 10, 10)).astype(np.float32)
     calls = []
 
@@ -65,8 +65,20 @@ def test_each_slab_is_filtered_once_per_query_however_small_the_cache():
         return _log(block)
 
     plane = volume.shape[1] * volume.shape[2] * 4
-    sliced = SlabFiltered(volume, counted, halo=HALO, slab_bytes=plane, budget_bytes=32 * plane)
+    sliced = SlabFiltered(volume, counted, halo=HALO, slab_bytes=plane, budget_bytes=32 * plane,
+                          scratch_dir=str(tmp_path))
     points = np.stack([np.linspace(0, 69, 40), np.full(40, 4.5), np.full(40, 5.5)], axis=1)
-    sliced.interpolate(points)
-    assert sliced.depth == 2 * HALO and sliced.keep == 2
-    assert len(calls) == 5  # 70 planes in slabs of 16: each filtered once, though only 2 are kept
+    first = sliced.interpolate(points)
+    assert sliced.depth == 2 * HALO and not sliced.in_memory
+    assert isinstance(sliced._store, np.memmap) and not list(tmp_path.iterdir())  # unlinked at once
+    assert len(calls) == 5 == sliced.filtered  # 70 planes in slabs of 16
+    assert np.array_equal(sliced.interpolate(points), first)
+    assert np.array_equal(sliced.region((0, 0, 0), volume.shape), _log(volume))
+    assert len(calls) == 5  # never filtered twice
+
+
+def test_a_small_volume_is_kept_in_memory():
+    volume = np.random.default_rng(4).normal(size=(20, 8, 8)).astype(np.float32)
+    sliced = SlabFiltered(volume, _log, halo=HALO)
+    assert np.array_equal(sliced.region((0, 0, 0), volume.shape), _log(volume))
+    assert sliced.in_memory and not isinstance(sliced._store, np.memmap)
