@@ -381,9 +381,26 @@ def write_labels_mrc(url: str | os.PathLike, shape: tuple[int, int, int], masks,
                 view = mrc.data[z0:z1, y0:y1, x0:x1]
                 view[mask & (view == 0)] = label
             mrc.voxel_size = float(voxel_size_a)
-            mrc.update_header_stats()
+            _update_header_stats_by_slab(mrc)
 
     return write_file_atomic(str(url), fill, storage_options=storage_options)
+
+
+def _update_header_stats_by_slab(mrc, slab_voxels: int = 2**24) -> None:
+    """``mrc.update_header_stats()`` (min, max, mean, RMS deviation) a slab at a time: mrcfile's
+    own takes a float64 copy of the whole volume (4 GiB for 500 x 1024 x 1024 labels)."""
+    data = mrc.data
+    step = max(1, slab_voxels // max(1, data.shape[1] * data.shape[2]))
+    low, high, total, squares = math.inf, -math.inf, 0.0, 0.0
+    for z0 in range(0, data.shape[0], step):
+        slab = np.asarray(data[z0:z0 + step], np.float64)
+        low, high = min(low, float(slab.min())), max(high, float(slab.max()))
+        total += float(slab.sum())
+        squares += float(np.square(slab).sum())
+    n = max(1, data.size)
+    mean = total / n
+    mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
+    mrc.header.rms = math.sqrt(max(squares / n - mean * mean, 0.0))
 
 
 def _mrc_compatible(volume: np.ndarray) -> np.ndarray:

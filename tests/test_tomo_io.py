@@ -239,3 +239,16 @@ def test_a_remote_mrc_is_read_from_one_local_copy(s3_bucket, tmp_path, small_vol
     assert list(cache.iterdir()) == copies  # fetched once
     write_mrc(url, small_volume * 2, 13.5)  # a new version is fetched again
     np.testing.assert_array_equal(open_tomogram(url, cache_dir=str(cache)).slab(0, 0, 2), small_volume[:2] * 2)
+
+
+def test_label_header_statistics_by_slab_equal_mrcfiles(tmp_path):
+    from cryosam_ray.tomo_io import _update_header_stats_by_slab
+
+    labels = np.random.default_rng(0).integers(0, 300, size=(9, 7, 5)).astype(np.uint16)
+    stats = []
+    for name, update in (("whole", lambda m: m.update_header_stats()),
+                         ("slabs", lambda m: _update_header_stats_by_slab(m, slab_voxels=70))):
+        with mrcfile.new(tmp_path / f"{name}.mrc", data=labels) as mrc:
+            update(mrc)
+            stats.append([float(mrc.header[k]) for k in ("dmin", "dmax", "dmean", "rms")])
+    assert np.allclose(stats[0], stats[1], rtol=1e-6)
