@@ -31,6 +31,7 @@ from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.encoders import build_encoder
 from cryosam_ray.feature_store import FeatureStore
 from cryosam_ray.features import encode_shard, feature_key, slice_shape
+from cryosam_ray.heap import fix_mmap_threshold
 from cryosam_ray.matching import Proposals
 from cryosam_ray.particle import ClassQuery, Particle, Pick, QueryPart
 from cryosam_ray.segmenters import build_segmenter
@@ -171,6 +172,7 @@ class EncoderWorker:
     """Holds one slice encoder; encodes shards of slices straight into the feature store."""
 
     def __init__(self, cfg: CryoSamConfig):
+        fix_mmap_threshold()  # large blocks freed one after another must not grow the heap
         self.cfg = cfg
         self.encoder = build_encoder(cfg.encoder)
         self._tomograms = _TomogramCache(cfg)
@@ -216,6 +218,7 @@ class EmbedderWorker:
     """
 
     def __init__(self, cfg: CryoSamConfig):
+        fix_mmap_threshold()  # large blocks freed one after another must not grow the heap
         self.cfg = cfg
         self.segmenter = build_segmenter(cfg.segmenter)
         self._tomograms = _TomogramCache(cfg)
@@ -234,6 +237,7 @@ class SegmenterWorker:
     """Holds one promptable segmenter; segments prompts and finds the particles of a tomogram."""
 
     def __init__(self, cfg: CryoSamConfig):
+        fix_mmap_threshold()  # large blocks freed one after another must not grow the heap
         self.cfg = cfg
         self.segmenter = build_segmenter(cfg.segmenter)
         self._tomograms = _TomogramCache(cfg)
