@@ -20,6 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SHARD_SLICES = 16
+SLICE_BATCH = 32  # store slices read at once when sampling voxel features
 
 
 def slice_shape(shape: tuple[int, int, int], axis: int) -> tuple[int, int]:
@@ -86,14 +87,26 @@ class FeatureVolume:
         parts = []
         for ax in self.axes:
             index, corners, weights = bilinear_corners(zyx, ax.axis, ax.slice_shape, ax.grid, self.shape)
-            maps = ax.maps
-            if not isinstance(maps, np.ndarray):  # a store array: read only the slices touched
-                wanted = np.unique(index)
-                maps = np.asarray(maps.oindex[wanted], dtype=np.float32)
-                index = np.searchsorted(wanted, index)
-            feats = sum(w[:, None] * maps[index, r, c] for (r, c), w in zip(corners, weights))
-            parts.append(feats.astype(np.float32))
+            if isinstance(ax.maps, np.ndarray):
+                parts.append(_bilinear(ax.maps, index, corners, weights))
+                continue
+            # A store array: read only the slices touched, SLICE_BATCH at a time, so a mask that
+            # spans the whole volume along one axis (a streak) costs no more than a compact one.
+            feats = np.empty((len(zyx), self.channels), np.float32)
+            wanted = np.unique(index)
+            for start in range(0, len(wanted), SLICE_BATCH):
+                group = wanted[start:start + SLICE_BATCH]
+                rows = np.flatnonzero((index >= group[0]) & (index <= group[-1]))
+                maps = np.asarray(ax.maps.oindex[group], dtype=np.float32)
+                feats[rows] = _bilinear(maps, np.searchsorted(group, index[rows]),
+                                        [(r[rows], c[rows]) for r, c in corners], [w[rows] for w in weights])
+            parts.append(feats)
         return np.concatenate(parts, axis=1)
+
+
+def _bilinear(maps: np.ndarray, index: np.ndarray, corners, weights) -> np.ndarray:
+    """(N, C) float32 features from (n, h, w, C) maps at slice ``index`` and four token corners."""
+    return sum(w[:, None] * maps[index, r, c] for (r, c), w in zip(corners, weights)).astype(np.float32)
 
 
 def bilinear_corners(zyx: np.ndarray, axis: int, slice_hw: tuple[int, int], grid: tuple[int, int],

@@ -149,6 +149,19 @@ def test_feature_store_reuses_and_resumes(scene, tmp_path):
     assert other.calls == first.calls
 
 
+def test_stored_features_are_read_a_few_slices_at_a_time_with_the_same_result(scene, tmp_path, monkeypatch):
+    import cryosam_ray.features as features
+
+    _, tomo, _ = scene
+    stored = compute_features(tomo, FilterBankEncoder(), store_url=str(tmp_path / "features"), shard_slices=32)
+    in_memory = stored.load()
+    rng = np.random.default_rng(0)
+    streak = np.column_stack([np.arange(tomo.shape[0]), np.full(tomo.shape[0], 7.0), np.full(tomo.shape[0], 9.0)])
+    points = np.concatenate([streak, rng.uniform(0, np.array(tomo.shape) - 1, (200, 3))])  # every slice of all 3 axes
+    monkeypatch.setattr(features, "SLICE_BATCH", 3)
+    np.testing.assert_allclose(stored.sample(points), in_memory.sample(points), rtol=1e-6, atol=1e-6)
+
+
 def test_feature_store_on_s3(scene, s3_bucket):
     _, tomo, reference = scene
     stored = compute_features(tomo, FilterBankEncoder(), store_url=f"{s3_bucket}/features", shard_slices=64)
