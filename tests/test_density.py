@@ -118,12 +118,3 @@ def test_two_similar_classes_in_a_crowded_scene_are_told_apart(crowded):
         counts, ranked = crowded.per_class[cls], crowded.ranking.per_class[cls]
         assert counts.f1 >= 0.7, (cls, counts)
         assert ranked.ap >= 0.6, (cls, ranked)
-
-
-def test_laplacian_equals_scipys_with_mirrored_edges():
-    from cryosam_ray.density import laplacian
-
-    rng = np.random.default_rng(5)
-    for shape in [(6, 7, 8), (1, 5, 7), (2, 1, 3), (9,)]:
-        volume = rng.normal(size=shape).astype(np.float32)
-        assert np.allclose(laplacian(volume), ndimage.laplace(volume), atol=1e-5)
