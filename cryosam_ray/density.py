@@ -19,8 +19,9 @@ units of its spread over the pool). It needs no threshold fitted to one encoder 
 
 For particles of 12 voxels in radius or more the density is block-averaged first
 (:func:`bin_factor`), so a descriptor costs about the same at any pixel size. Memory: one
-float32 copy of the (binned) density per tomogram; filtered responses are computed by z slab
-into a bounded cache (:mod:`cryosam_ray.slab_filter`), so a tomogram of any size fits.
+float32 copy of the (binned) density per tomogram; filtered responses are computed by z slab,
+once each, and kept in memory up to 256 MiB, beyond that in an unlinked scratch file
+(:mod:`cryosam_ray.slab_filter`), so a tomogram of any size fits.
 """
 
 from __future__ import annotations
