@@ -1,6 +1,6 @@
 """One large tomogram end to end, its memory watched from outside: does it fit an 8 GiB worker?
 
-    python benchmarks/bench_large.py [--shape 500x1024x1024] [--work DIR] [--json FILE]
+    python benchmarks/bench_large.py [--shape 500x1024x1024] [--limit-gib 8] [--work DIR] [--json FILE]
 
 A synthetic tomogram (built-in shapes, one ribosome prompt, 128 x 384 x 384) is tiled up to
 ``--shape`` and written as float32 MRC; then ``cryosam run --address none`` (weight-free
@@ -10,13 +10,17 @@ backends, one process) runs on it in a child process while this script reads the
 memory-mapped tomogram, feature store and scratch files, which the kernel reclaims under
 pressure) and the wall time. With ``--work DIR`` the tomogram and the run folder are kept, so a
 second run resumes from the stored features (encoding 500 x 1024 x 1024 takes about 40 minutes
-on 2 CPU cores).
+on 2 CPU cores). With ``--limit-gib N`` (root, a writable cgroup v1 or v2 memory controller) the
+child runs in a memory cgroup limited to N GiB, as a worker of that size would: the kernel then
+reclaims file pages as it must and kills the run if what it holds does not fit; the table adds
+the cgroup's peak usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +64,28 @@ def build(data: Path, shape: tuple[int, int, int]) -> Path:
     return target
 
 
+def memory_cgroup(limit_gib: float) -> Path:
+    """A fresh memory cgroup limited to ``limit_gib`` GiB (v2 if mounted so, else v1)."""
+    limit = str(int(limit_gib * 2**30))
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():  # v2
+        group = root / f"bench_large_{os.getpid()}"
+        group.mkdir()
+        (group / "memory.max").write_text(limit)
+    else:
+        group = root / "memory" / f"bench_large_{os.getpid()}"
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(limit)
+    return group
+
+
+def cgroup_peak_mib(group: Path) -> float | None:
+    for name in ("memory.peak", "memory.max_usage_in_bytes"):
+        if (group / name).exists():
+            return int((group / name).read_text()) / 2**20
+    return None
+
+
 def watch(pid: int, peaks: dict, stop: threading.Event) -> None:
     """Peak RssAnon and RssAnon + RssFile (MiB) of ``pid``, read every 0.5 s."""
     while not stop.is_set():
@@ -77,6 +103,7 @@ def watch(pid: int, peaks: dict, stop: threading.Event) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="500x1024x1024", help="tomogram shape DxHxW")
+    parser.add_argument("--limit-gib", type=float, help="run in a memory cgroup of this many GiB (root)")
     parser.add_argument("--work", help="keep the tomogram and the run here (a rerun resumes its features)")
     parser.add_argument("--json", help="write the result as JSON here")
     args = parser.parse_args()
@@ -86,6 +113,7 @@ def main() -> None:
     if len(shape) != 3 or any(s < t for s, t in zip(shape, TILE)):
         raise SystemExit(f"--shape {args.shape}: expected DxHxW of at least {'x'.join(map(str, TILE))} (the tile)")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_large_"))
+    group = None
     try:
         tomogram = build(work / "data", shape)
         out = work / "out"
@@ -93,9 +121,15 @@ def main() -> None:
                 "--out", str(out), "--address", "none", "--no-progress"]
         child = f"import sys; from cryosam_ray.cli import main; sys.exit(main({argv!r}))"
         peaks, stop = {"anon": 0.0, "rss": 0.0}, threading.Event()
+        group = memory_cgroup(args.limit_gib) if args.limit_gib else None
+
+        def enter_group() -> None:  # in the child, before it runs anything
+            if group is not None:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
+
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=enter_group)
         watcher = threading.Thread(target=watch, args=(proc.pid, peaks, stop), daemon=True)
         watcher.start()
         log, _ = proc.communicate()
@@ -107,14 +141,20 @@ def main() -> None:
         run = json.loads((out / "run.json").read_text())
         result = {"shape": list(shape), "volume_mib": round(float(np.prod(shape)) * 4 / 2**20, 1),
                   "peak_anon_mib": round(peaks["anon"], 1), "peak_rss_mib": round(peaks["rss"], 1),
+                  "limit_gib": args.limit_gib, "cgroup_peak_mib": cgroup_peak_mib(group) if group else None,
                   "wall_s": round(wall, 1), "picks": run["counts"]["picks"], "times_s": run.get("times_s", {})}
     finally:
+        if group is not None:
+            group.rmdir()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print(f"{'shape (z, y, x)':>18}  {'float32 MiB':>11}  {'peak anon MiB':>13}  {'peak RSS MiB':>12}  "
           f"{'wall s':>7}  {'picks':>5}")
     print(f"{'x'.join(map(str, shape)):>18}  {result['volume_mib']:>11.1f}  {result['peak_anon_mib']:>13.1f}  "
           f"{result['peak_rss_mib']:>12.1f}  {result['wall_s']:>7.1f}  {result['picks']:>5}")
+    if result["limit_gib"]:
+        print(f"in a memory cgroup of {result['limit_gib']:g} GiB: peak usage {result['cgroup_peak_mib']:.1f} MiB "
+              "(page cache included)")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(result["times_s"].items())))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
