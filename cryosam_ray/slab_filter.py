@@ -47,7 +47,11 @@ class SlabFiltered:
         self.scratch_dir = scratch_dir
         self._store: np.ndarray | None = None
         self._done = np.zeros(-(-data.shape[0] // self.depth), bool)
-        self.filtered = 0  # slabs filtered so far (each once)
+
+    @property
+    def filtered(self) -> int:
+        """Slabs filtered so far (each once)."""
+        return int(self._done.sum())
 
     def _storage(self) -> np.ndarray:
         if self._store is None:
@@ -64,7 +68,6 @@ class SlabFiltered:
             lo, hi = max(0, z0 - self.halo), min(self.shape[0], z1 + self.halo)
             store[z0:z1] = self.fn(self.data[lo:hi])[z0 - lo:z1 - lo]
             self._done[k] = True
-            self.filtered += 1
         return store[z0:z1]
 
     def region(self, lo, hi) -> np.ndarray:
