@@ -159,7 +159,21 @@ def test_stored_features_are_read_a_few_slices_at_a_time_with_the_same_result(sc
     streak = np.column_stack([np.arange(tomo.shape[0]), np.full(tomo.shape[0], 7.0), np.full(tomo.shape[0], 9.0)])
     points = np.concatenate([streak, rng.uniform(0, np.array(tomo.shape) - 1, (200, 3))])  # every slice of all 3 axes
     monkeypatch.setattr(features, "SLICE_BATCH", 3)
+    reads = []
+
+    class Counted:  # the store array, recording how many slices each read takes
+        def __init__(self, maps):
+            self.maps, self.shape = maps, maps.shape
+            self.oindex = self
+
+        def __getitem__(self, wanted):
+            reads.append(len(wanted))
+            return self.maps.oindex[wanted]
+
+    for axis in stored.axes:
+        axis.maps = Counted(axis.maps)
     np.testing.assert_allclose(stored.sample(points), in_memory.sample(points), rtol=1e-6, atol=1e-6)
+    assert reads and max(reads) <= 3  # the streak touches every slice of axis 0, never all at once
 
 
 def test_feature_store_on_s3(scene, s3_bucket):
