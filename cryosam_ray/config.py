@@ -304,7 +304,8 @@ class InstancesConfig(_Section):
     min_score: float | Literal["auto"] | None = Field(
         "auto", description="Smallest particle score (in the units of density.score: density z units; features: "
         "cosine with the query, or projection with prompt = 1); auto: the split (Otsu) of the run's score "
-        "distribution per class; null: keep every particle (the paper).")
+        "distribution per class (density: never above the median score of the class's prompts on the tomogram); "
+        "null: keep every particle (the paper).")
     overlap: float = Field(0.3, gt=0, le=1, description="Masks sharing this fraction of the smaller one are one particle.")
 
 

@@ -37,6 +37,17 @@ def test_score_cut_splits_two_groups_by_otsu():
     assert score_cut(np.array([0.90, 0.95, 0.97, 1.5, 1.6, 1.7]), "auto") == 0.6
 
 
+def test_density_cut_never_drops_what_scores_like_the_prompts():
+    # The split lies halfway between 0.3 and 0.8; a prompt scoring 0.25 (median of its class's
+    # prompts) lowers the cut to it, a prompt above the split leaves the split alone.
+    scores = np.array([0.9, 0.1, 1.0, 0.2, 0.8, 0.3])
+    assert score_cut(scores, "auto", "density", np.array([0.25])) == pytest.approx(0.25)
+    assert score_cut(scores, "auto", "density", np.array([0.2, 0.25, 3.0])) == pytest.approx(0.25)
+    assert score_cut(scores, "auto", "density", np.array([2.0])) == pytest.approx(0.55)
+    assert score_cut(scores, "auto", "density", np.array([np.nan])) == pytest.approx(0.55)
+    assert score_cut(scores, 0.7, "density", np.array([0.25])) == 0.7  # an explicit cut is the user's
+
+
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("decisions")
@@ -138,3 +149,4 @@ def test_a_single_prompt_allows_larger_particles_than_several(scene):
     found = [len(find_particles(tomo, volume, query, proposals, _ScriptedSegmenter(None), cfg, []))
              for query in (single, several)]
     assert found == [1, 0]
+

@@ -116,15 +116,22 @@ def place_by_density(found: list[Particle], scorer) -> None:
         particle.class_score = float(shape_at_centroid[i] if use_centroid else shape_at_proposal[i])
 
 
-def score_cut(scores: np.ndarray, min_score: float | str | None, similarity: str = "projection") -> float:
+def score_cut(scores: np.ndarray, min_score: float | str | None, similarity: str = "projection",
+              prompt_scores: np.ndarray | None = None) -> float:
     """The smallest score kept. ``"auto"``: the split of the scores into two groups (Otsu's
     threshold: the cut maximising the between-group variance); for projection scores kept
     within [0.25, 0.6] of the prompt's own score, since a run's candidates may be nearly all
-    particles or nearly all background; a number: that; None: keep all (-inf)."""
+    particles or nearly all background; for density scores never above the median score of
+    ``prompt_scores`` (the class's prompts on this tomogram, scored alike): a candidate that
+    scores like a particle the user pointed at is kept, even where most candidates score higher
+    (in a crowded cytoplasm a faint prompt sits under the split). A number: that; None: keep
+    all (-inf)."""
     if min_score is None:
         return -math.inf
     if min_score != "auto":
         return float(min_score)
+    anchor = np.asarray([] if prompt_scores is None else prompt_scores, np.float64)
+    anchor = float(np.median(anchor[np.isfinite(anchor)])) if np.isfinite(anchor).any() else math.inf
     scores = np.sort(np.asarray(scores, np.float64)[np.isfinite(scores)])
     if len(scores) < 4:
         return 0.25 if similarity == "projection" else -math.inf
@@ -134,16 +141,20 @@ def score_cut(scores: np.ndarray, min_score: float | str | None, similarity: str
     between = n * (len(scores) - n) * (left - right) ** 2
     best = int(np.argmax(between))
     split = 0.5 * (scores[best] + scores[best + 1])
-    return float(np.clip(split, 0.25, 0.6)) if similarity == "projection" else float(split)
+    if similarity == "projection":
+        return float(np.clip(split, 0.25, 0.6))
+    return float(min(split, anchor)) if similarity == "density" else float(split)
 
 
 def keep_scored(particles: list[Particle], cfg: CryoSamConfig) -> list[Particle]:
-    """Prompts, and matches scoring at least the run's cut (per class, see :func:`score_cut`)."""
+    """Prompts, and matches scoring at least the run's cut (per class, see :func:`score_cut`;
+    the class's prompts among ``particles`` anchor a density cut)."""
     kept = [p for p in particles if p.source == "prompt"]
     for cls in sorted({p.cls for p in particles}):
         matches = [p for p in particles if p.cls == cls and p.source != "prompt"]
         kind = "density" if cfg.density.score == "density" else cfg.matching.similarity
-        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, kind)
+        prompts = np.array([p.score for p in particles if p.cls == cls and p.source == "prompt"])
+        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, kind, prompts)
         kept += [p for p in matches if p.score >= cut]
         log.info("%s: %d of %d candidates score >= %.3f", cls, sum(p.score >= cut for p in matches), len(matches), cut)
     return kept
