@@ -136,6 +136,40 @@ class DensityMap:
             out[start:start + chunk, count:] = np.sqrt(np.maximum((values * values) @ average - mean * mean, 0))
         return out
 
+    def refine(self, zyx: np.ndarray, radius: float, polarity: float, within: float) -> np.ndarray:
+        """(N, 3) ZYX voxel positions of the blob peaks nearest (N, 3) points, to a sub-voxel.
+
+        From each point's voxel (binned), step to the strongest of its 26 neighbours while that
+        is stronger and no further than ``within`` voxels from the point, then fit a parabola
+        through the peak and its two neighbours on each axis (an offset of at most half a voxel):
+        the position a particle's density is centred on, which the voxel grid and the mask's
+        outline (merged with a neighbour, or cut short by the missing wedge) only approximate.
+        """
+        response = self.blob_response(radius, polarity)
+        start = self._to_binned(zyx)
+        shape = np.asarray(response.shape)
+        at = np.clip(np.rint(start).astype(np.int64), 0, shape - 1)
+        steps = np.array(list(np.ndindex(3, 3, 3))) - 1
+        reach = max(within / self.bin, 1.0)
+        for _ in range(int(math.ceil(reach)) + 1):
+            around = np.clip(at[:, None] + steps[None], 0, shape - 1)  # (N, 27, 3)
+            values = response.values(around.reshape(-1, 3)).reshape(len(at), len(steps))
+            values[np.linalg.norm(around - start[:, None], axis=2) > reach] = -np.inf
+            best = around[np.arange(len(at)), np.argmax(values, axis=1)]
+            if np.array_equal(best, at):
+                break
+            at = best
+        offset = np.zeros(at.shape, np.float64)
+        centre = response.values(at).astype(np.float64)
+        for axis in range(3):
+            unit = np.eye(3, dtype=np.int64)[axis]
+            below = response.values(np.clip(at - unit, 0, shape - 1)).astype(np.float64)
+            above = response.values(np.clip(at + unit, 0, shape - 1)).astype(np.float64)
+            curvature = below - 2 * centre + above
+            peaked = (curvature < 0) & (at[:, axis] > 0) & (at[:, axis] < shape[axis] - 1)
+            offset[peaked, axis] = np.clip(0.5 * (below - above)[peaked] / curvature[peaked], -0.5, 0.5)
+        return (at + offset + 0.5) * self.bin - 0.5
+
     def strongest_near(self, zyx: np.ndarray, radius: float, polarity: float, within: float) -> np.ndarray:
         """(3,) ZYX voxel of the strongest blob response within ``within`` voxels of ``zyx``."""
         response = self.blob_response(radius, polarity)

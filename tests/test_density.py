@@ -64,6 +64,29 @@ def test_blobs_are_found_at_the_prompts_scale_and_polarity():
     assert np.linalg.norm(bright[:, None] - truth[None], axis=2).min() > 3
 
 
+@pytest.mark.parametrize("bin", [1, 2])
+def test_refine_finds_a_blob_centre_between_voxels(bin):
+    """Dark balls (radius 5 and 3, the second elongated along z as by the missing wedge) centred
+    between voxels: from points 2 voxels off, the refined positions lie within 0.25 voxel of the
+    true centres (the nearest voxel is 0.5-0.7 away); a point beyond ``within`` of the centre
+    stays within ``within`` of where it started."""
+    shape = (40, 64, 64)
+    zz, yy, xx = np.indices(shape, dtype=np.float64)
+    centres = np.array([(14.4, 20.3, 30.6), (26.6, 44.5, 40.4)])
+    volume = np.zeros(shape, np.float32)
+    for (cz, cy, cx), r, stretch in zip(centres, (5.0, 3.0), (1.0, 1.5)):
+        inside = ((zz - cz) / stretch) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        volume -= ndimage.gaussian_filter(inside.astype(np.float32), 1.0)
+    dmap = DensityMap(_Volume(volume), bin)
+    for centre, r in zip(centres, (5.0, 3.0)):
+        start = centre + np.array([1.5, -1.0, 0.9])
+        refined = dmap.refine(start[None], r, -1.0, within=0.5 * r * bin + 1)[0]
+        assert np.linalg.norm(refined - centre) <= 0.25 * bin
+        far = centre + np.array([0.0, 4.0 * bin, 0.0])
+        held = dmap.refine(far[None], r, -1.0, within=1.5 * bin)[0]
+        assert np.linalg.norm(held - far) <= 1.5 * bin + 0.5 * bin * np.sqrt(3)
+
+
 def test_shell_profiles_are_rotation_invariant():
     """An elongated particle and the same particle turned 90 degrees give the same profile."""
     shape = (40, 40, 40)
