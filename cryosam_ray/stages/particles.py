@@ -98,11 +98,11 @@ def score_particles(volume: FeatureVolume, particles: list[Particle], queries: d
         particle.score = max(particle.instance_similarity, 0.0) * max(_cosine(offset, direction), 0.0)
 
 
-def place_by_density(found: list[Particle], scorer, refine: bool = True) -> None:
+def place_by_density(found: list[Particle], scorer) -> None:
     """Each particle's ``score`` and reported ``centre``: its mask's centroid or the proposal that
     found it, whichever matches the class's prompts better (a mask merged with a touching
     neighbour puts its centroid between the two; an elongated particle's proposal may sit off
-    its middle, where its centroid is); with ``refine``, moved to the blob peak within half a
+    its middle, where its centroid is), moved to the blob peak within half a
     radius of it, to a sub-voxel (:meth:`~cryosam_ray.density.DensityMap.refine`)."""
     if not found:
         return
@@ -112,8 +112,7 @@ def place_by_density(found: list[Particle], scorer, refine: bool = True) -> None
     at_centroid, shape_at_centroid = scorer.score(centroids)
     use_centroid = at_centroid >= at_proposal
     chosen = np.where(use_centroid[:, None], centroids, proposals)
-    if refine:
-        chosen = scorer.dmap.refine(chosen, scorer.radius, scorer.polarity, 0.5 * scorer.radius)
+    chosen = scorer.dmap.refine(chosen, scorer.radius, scorer.polarity, 0.5 * scorer.radius)
     for i, particle in enumerate(found):
         particle.centre = tuple(float(v) for v in chosen[i])
         particle.score = float(max(at_centroid[i], at_proposal[i]))
