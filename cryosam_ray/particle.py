@@ -66,13 +66,12 @@ class ClassQuery:
         radius: equivalent-sphere radius of the median prompt instance, voxels.
         shells: (2S,) mean shell profile of the prompts (None without density profiles).
         polarity: +1 dense is bright, -1 dense is dark (the prompts' majority).
-        size_factor: the factor by which the size filter's band widens on both sides (its upper
-            bound, ``instances.max_size_ratio``, times it; its lower bound,
-            ``instances.min_size_ratio``, over it): 2 for a single prompt, whose mask size is one
-            noisy sample (masks of the 80S in the real tomogram range over 5x, 205-1151 voxels;
-            a prompt mask merged with its neighbours would otherwise reject every single
-            particle), 1 for several (their median is robust; widening by their spread lets
-            leaky masks claim true neighbours).
+        max_size_factor: the factor by which the size filter's upper bound
+            (``instances.max_size_ratio``) widens: 2 for a single prompt, whose mask size is one
+            noisy sample (masks of the 80S in the real tomogram range over 5x, 205-1151 voxels),
+            1 for several (their median is robust; widening by their spread lets leaky masks
+            claim true neighbours). The lower bound does not widen: small background fragments
+            would pass the score cut.
         prior_radius: the class's radius known beforehand, voxels (a copick pickable object's
             ``radius`` over the voxel spacing); with ``propagation.size_prior`` the segmenter gets it
             instead of ``radius`` (the prompts' masks may be leaky or partial; a curated radius is
@@ -86,7 +85,7 @@ class ClassQuery:
     radius: float
     shells: np.ndarray | None = None
     polarity: float = -1.0
-    size_factor: float = 1.0
+    max_size_factor: float = 1.0
     prior_radius: float | None = None
 
 

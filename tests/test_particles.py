@@ -131,25 +131,22 @@ def test_a_rejected_leaky_mask_does_not_hide_its_neighbour(scene):
     assert [tuple(np.rint(p.instance.prompt).astype(int)) for p in found] == [neighbour]
 
 
-@pytest.mark.parametrize("prompt_size", [20, 200])
-def test_a_single_prompt_widens_the_size_band_both_ways(scene, prompt_size):
-    """One prompt's mask size is one noisy sample: the size filter's band doubles both ways for
-    it, so a 61-voxel mask passes against a 20-voxel prompt (upper bound 80 against 40) and
-    against a 200-voxel one (lower bound 50 against 100: a prompt mask merged with its
-    neighbours); with several prompts of that size it does not."""
+def test_a_single_prompt_allows_larger_particles_than_several(scene):
+    """One prompt's mask size is one noisy sample: the size filter's upper bound doubles for it
+    (a 61-voxel mask passes against a 20-voxel prompt); with several prompts it does not."""
     _, tomo, volume = scene
     from cryosam_ray.matching import Proposals
     from cryosam_ray.particle import QueryPart
     from cryosam_ray.stages.query import combine_queries
 
     cfg = load_config(None, {"instances.min_score": None, "instances.batch": 1})
-    ones = np.ones(3 * volume.channels)
-    single = combine_queries([QueryPart("ribosome", ones, ones, prompt_size, [prompt_size])])["ribosome"]
-    several = combine_queries([QueryPart("ribosome", ones, ones, 3 * prompt_size, [prompt_size] * 3)])["ribosome"]
-    assert (single.size_factor, several.size_factor) == (2.0, 1.0)
+    part = QueryPart("ribosome", np.ones(3 * volume.channels), np.ones(3 * volume.channels), 20, [20])
+    single = combine_queries([part])["ribosome"]
+    several = combine_queries([QueryPart("ribosome", np.ones(3 * volume.channels), np.ones(3 * volume.channels), 60,
+                                         [20, 20, 20])])["ribosome"]
+    assert (single.max_size_factor, several.max_size_factor) == (2.0, 1.0)
     proposals = Proposals(zyx=np.array([(24, 48, 48)], float), similarity=np.array([0.9]))
-    found = [[p.instance.voxel_count for p in find_particles(tomo, volume, query, proposals,
-                                                             _ScriptedSegmenter(None), cfg, [])]
+    found = [len(find_particles(tomo, volume, query, proposals, _ScriptedSegmenter(None), cfg, []))
              for query in (single, several)]
-    assert found == [[61], []]
+    assert found == [1, 0]
 

@@ -62,6 +62,6 @@ def test_one_prompt_finds_ribosomes_in_a_real_cell(crop_run):
 def test_one_prompt_with_a_small_mask_still_finds_ribosomes(tmp_path):
     """The prompt at annotation row 18 segments to 205 voxels where most 80S masks are 400-500:
     a single prompt's size is one noisy sample, so the size filter's upper bound widens
-    (ClassQuery.size_factor) instead of rejecting every ribosome over twice the prompt's size."""
+    (ClassQuery.max_size_factor) instead of rejecting every ribosome over twice the prompt's size."""
     report, _ = _crop_run(tmp_path, prompt_index=_SMALL_PROMPT)
     assert report.ranking.per_class["ribosome"].to_dict()["recall_at_3x"] >= 0.31  # 0.297 with the plain 0.5-2x

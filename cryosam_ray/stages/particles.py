@@ -58,8 +58,8 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
     for particle in known:
         claimed.paste(particle.instance.bbox, particle.instance.mask, 1)
     found: list[Particle] = []
-    lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels / query.size_factor
-    hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels * query.size_factor
+    lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels
+    hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels * query.max_size_factor
     radius = (query.prior_radius or query.radius) if prop.size_prior else None
     order = list(range(len(proposals)))
     while order:

@@ -51,12 +51,12 @@ def combine_queries(parts: list[QueryPart], *, radii: dict[str, float] | None = 
             cls, (part.feature_sum / part.voxels).astype(np.float32), part.background_sum / part.voxels, median,
             equivalent_radius(median), shells=np.mean([p.shells for p in profiles], axis=0) if profiles else None,
             polarity=1.0 if sum(p.polarity for p in profiles) > 0 else -1.0,
-            size_factor=size_factor(len(part.sizes)), prior_radius=(radii or {}).get(cls))
+            max_size_factor=max_size_factor(len(part.sizes)), prior_radius=(radii or {}).get(cls))
     return queries
 
 
-def size_factor(prompts: int) -> float:
-    """See :attr:`~cryosam_ray.particle.ClassQuery.size_factor`."""
+def max_size_factor(prompts: int) -> float:
+    """See :attr:`~cryosam_ray.particle.ClassQuery.max_size_factor`."""
     return 2.0 if prompts < 2 else 1.0
 
 
