@@ -102,8 +102,8 @@ def place_by_density(found: list[Particle], scorer) -> None:
     """Each particle's ``score`` and reported ``centre``: its mask's centroid or the proposal that
     found it, whichever matches the class's prompts better (a mask merged with a touching
     neighbour puts its centroid between the two; an elongated particle's proposal may sit off
-    its middle, where its centroid is), moved to the blob peak within half a
-    radius of it, to a sub-voxel (:meth:`~cryosam_ray.density.DensityMap.refine`)."""
+    its middle, where its centroid is), moved to the blob peak within half a radius of it, to a
+    sub-voxel (:meth:`~cryosam_ray.density.DensityMap.refine`)."""
     if not found:
         return
     proposals = np.array([p.instance.prompt for p in found], np.float64)
