@@ -22,6 +22,7 @@ from cryosam_ray.particle import ClassQuery, Particle
 from cryosam_ray.propagation import propagate
 from cryosam_ray.stages.classes import resolve_classes
 from cryosam_ray.stages.prompts import uses_density
+from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_size
 from cryosam_ray.tomo_io import Tomogram
 
 log = logging.getLogger(__name__)
@@ -34,17 +35,48 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
     above the run's cut, one class per physical particle. Both executors call this."""
     prompts = [p for p in prompts if p.cls in queries]
     score_particles(volume, prompts, queries, cfg.matching.similarity)
-    scorers = {}
+    scorers, features = {}, proposals
     if uses_density(cfg):
         proposals, scorers = density_proposals(tomogram, queries, proposals, prompts, cfg)
     particles = list(prompts)
     for cls in sorted(queries):
         known = [p for p in prompts if p.cls == cls]
-        found = find_particles(tomogram, volume, queries[cls], proposals[cls], segmenter, cfg, known)
-        if cls in scorers:
-            place_by_density(found, scorers[cls])
-        particles += found
+        query, found = queries[cls], _found(tomogram, volume, queries[cls], proposals[cls], scorers.get(cls),
+                                            segmenter, cfg, known)
+        strong = strong_size(found, _auto_cut(found, known, cfg))
+        again = rescaled_query(query, strong, known, tomogram, cfg) if cls in scorers else None
+        if again is not None:
+            ranked, rescorers = density_proposals(tomogram, {cls: again}, {cls: features[cls]}, known, cfg)
+            query, found = again, _found(tomogram, volume, again, ranked[cls], rescorers[cls], segmenter, cfg, known)
+            strong = strong_size(found, _auto_cut(found, known, cfg))
+        particles += drop_fragments(found, query, strong, cfg)
     return resolve_classes(keep_scored(particles, cfg), tomogram.shape, overlap=cfg.instances.overlap)
+
+
+def _found(tomogram, volume, query, proposals, scorer, segmenter, cfg, known) -> list[Particle]:
+    found = find_particles(tomogram, volume, query, proposals, segmenter, cfg, known)
+    if scorer is None:
+        return found
+    place_by_density(found, scorer)
+    return without_duplicates(found, 0.5 * query.radius)
+
+
+def without_duplicates(found: list[Particle], distance: float) -> list[Particle]:
+    """``found`` (one class) less any particle whose reported centre lies within ``distance``
+    voxels of a better-scoring one's: two masks placed on one blob peak (a fragment beside a
+    particle climbs to its centre, :func:`place_by_density`) are one particle. Order is kept."""
+    centres = np.array([p.centre or p.instance.centroid for p in found], np.float64).reshape(-1, 3)
+    kept: list[int] = []
+    for i in sorted(range(len(found)), key=lambda i: -np.nan_to_num(found[i].score, nan=-np.inf)):
+        if not kept or np.linalg.norm(centres[kept] - centres[i], axis=1).min() >= distance:
+            kept.append(i)
+    return [found[i] for i in sorted(kept)]
+
+
+def _auto_cut(found: list[Particle], known: list[Particle], cfg: CryoSamConfig) -> float:
+    """The automatic score cut of a class's candidates (see :func:`score_cut`)."""
+    kind = "density" if cfg.density.score == "density" else cfg.matching.similarity
+    return score_cut(np.array([p.score for p in found]), "auto", kind, np.array([p.score for p in known]))
 
 
 def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery, proposals: Proposals,
@@ -58,8 +90,7 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
     for particle in known:
         claimed.paste(particle.instance.bbox, particle.instance.mask, 1)
     found: list[Particle] = []
-    lo = (inst_cfg.min_size_ratio or 0.0) * query.median_voxels
-    hi = (inst_cfg.max_size_ratio or math.inf) * query.median_voxels * query.max_size_factor
+    lo, hi = size_band(query, cfg)
     radius = (query.prior_radius or query.radius) if prop.size_prior else None
     order = list(range(len(proposals)))
     while order:

@@ -1,0 +1,87 @@
+"""The size of a class's particles on a tomogram, learnt from the candidates found there.
+
+One prompt's mask is one noisy sample of its class's size: in a crowded cytoplasm it may join a
+neighbour stacked along z (the missing wedge blurs them into one column) and come out twice the
+particle or more; it may also miss part of it. So with a single prompt the size band is first
+as wide on the small side as on the large (a quarter to four times the prompt, see
+:func:`size_band`), and then narrowed by the data: the median size of the candidates that score
+above the class's cut (:func:`strong_size`, the particles that look like the prompt) is the
+class's size on this tomogram. Candidates smaller than ``instances.min_size_ratio`` of the
+smaller of the two sizes are fragments (:func:`drop_fragments`). Where the prompt is more than
+twice the strong candidates' size, its mask surely joined something: the class is searched
+again at the candidates' scale (:func:`rescaled_query`), with the prompt's density profile
+measured at that scale. With several prompts their median size is already robust and neither
+step changes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from cryosam_ray.config import CryoSamConfig
+from cryosam_ray.density import DensityMap, density_map
+from cryosam_ray.particle import ClassQuery, Particle, equivalent_radius
+
+log = logging.getLogger(__name__)
+
+# A single prompt's size is trusted to this factor either way (ClassQuery.max_size_factor).
+_LEAK_FACTOR = 2.0
+
+
+def size_band(query: ClassQuery, cfg: CryoSamConfig) -> tuple[float, float]:
+    """(smallest, largest) voxel count a candidate mask of ``query``'s class may have when it is
+    propagated: ``min_size_ratio`` and ``max_size_ratio`` of the prompts' median size, each
+    widened by ``query.max_size_factor`` (a single prompt's size is one noisy sample)."""
+    inst = cfg.instances
+    lo = (inst.min_size_ratio or 0.0) * query.median_voxels / query.max_size_factor
+    hi = (inst.max_size_ratio or math.inf) * query.median_voxels * query.max_size_factor
+    return lo, hi
+
+
+def strong_size(found: list[Particle], cut: float) -> float | None:
+    """Median voxel count of the candidates scoring at least ``cut`` (the class's automatic cut;
+    None with fewer than 4 candidates: too few to learn from)."""
+    if len(found) < 4:
+        return None
+    sizes = [p.instance.voxel_count for p in found if p.score >= cut]
+    return float(np.median(sizes)) if sizes else None
+
+
+def drop_fragments(found: list[Particle], query: ClassQuery, strong: float | None,
+                   cfg: CryoSamConfig) -> list[Particle]:
+    """``found`` without candidates under ``min_size_ratio`` of the smaller of the prompts'
+    median size and ``strong`` (a single prompt's class only; see the module docstring)."""
+    ratio = cfg.instances.min_size_ratio
+    if not ratio or query.max_size_factor <= 1.0:
+        return found  # several prompts: the band was applied when propagating
+    reference = query.median_voxels if strong is None else min(query.median_voxels, strong)
+    kept = [p for p in found if p.instance.voxel_count >= ratio * reference]
+    if len(kept) < len(found):
+        log.info("%s: %d candidates under %.0f voxels dropped (fragments)", query.cls, len(found) - len(kept),
+                 ratio * reference)
+    return kept
+
+
+def rescaled_query(query: ClassQuery, strong: float | None, known: list[Particle], tomogram,
+                   cfg: CryoSamConfig) -> ClassQuery | None:
+    """``query`` at the scale of its strong candidates when a single prompt's mask is more than
+    twice their size and the prompt lies on this tomogram (its profile is measured again at the
+    new radius); None when nothing needs to change."""
+    if strong is None or query.max_size_factor <= 1.0 or not known or query.shells is None:
+        return None
+    if query.median_voxels <= _LEAK_FACTOR * strong:
+        return None
+    radius = equivalent_radius(strong)
+    maps: dict[int, DensityMap] = {}
+    dmap = density_map(maps, tomogram, radius)
+    d = cfg.density
+    profiles = [dmap.profile(np.asarray(p.instance.prompt), p.voxels(), radius, count=d.shells, reach=d.reach)
+                for p in known]
+    log.info("%s: the prompt (%.0f voxels) is over twice its strong candidates' size (%.0f): searched again at "
+             "radius %.1f", query.cls, query.median_voxels, strong, radius)
+    return replace(query, median_voxels=strong, radius=radius,
+                   shells=np.mean([p.shells for p in profiles], axis=0))
