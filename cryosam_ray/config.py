@@ -298,7 +298,7 @@ class InstancesConfig(_Section):
     batch: int = Field(64, ge=1, description="Proposals propagated together; later ones inside found particles are skipped.")
     min_size_ratio: float | None = Field(0.5, ge=0, description="Smallest particle, relative to the prompt instances' "
                                          "median size (null: no limit); for a single prompt, relative to the smaller "
-                                         "of its size and its strong candidates' (see stages/sizes.py).")
+                                         "of its size and its strong candidates' median (see stages/sizes.py).")
     max_size_ratio: float | None = Field(2.0, gt=0, description="Largest particle, relative to the prompt instances' "
                                          "median size (null: no limit); twice that for a single prompt, whose mask "
                                          "size is one noisy sample.")

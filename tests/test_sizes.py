@@ -16,7 +16,7 @@ from cryosam_ray.executors.in_process import run_in_process
 from cryosam_ray.particle import ClassQuery, Particle, equivalent_radius
 from cryosam_ray.propagation import Instance
 from cryosam_ray.stages.particles import score_cut, without_duplicates
-from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_size
+from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_sizes
 from cryosam_ray.tables import read_picks
 from cryosam_ray.tomo_io import open_tomogram, write_mrc
 
@@ -44,17 +44,18 @@ def test_a_single_prompts_band_is_wide_then_narrowed_by_the_strong_candidates():
     found = [_particle(v, s) for v, s in zip(sizes, [0.1, 0.2, 0.3, 5.0, 5.1, 5.2, 5.3])]
     cut = score_cut(np.array([p.score for p in found]), "auto", "density")
     assert cut == pytest.approx(2.65)  # Otsu: between 0.3 and 5.0
-    assert strong_size(found, cut) == 415.0  # median of 400..430
+    strong = strong_sizes(found, cut)
+    assert strong.tolist() == [400, 410, 420, 430]
     sizes_kept = lambda kept: [p.instance.voxel_count for p in kept]  # noqa: E731
-    # the smaller of the prompt (1000) and the strong size (415), times 0.5: 207.5
-    assert sizes_kept(drop_fragments(found, single, 415.0, cfg)) == [220, 400, 410, 420, 430]
+    # the smaller of the prompt (1000) and the strong median (415), times 0.5: 207.5
+    assert sizes_kept(drop_fragments(found, single, strong, cfg)) == [220, 400, 410, 420, 430]
     # a prompt smaller than its candidates keeps its own bound; none learnt: the prompt's
-    assert sizes_kept(drop_fragments(found, _query(300.0, 1), 415.0, cfg)) == [180, 220, 400, 410, 420, 430]
-    assert sizes_kept(drop_fragments(found, single, None, cfg)) == []
+    assert sizes_kept(drop_fragments(found, _query(300.0, 1), strong, cfg)) == [180, 220, 400, 410, 420, 430]
+    assert sizes_kept(drop_fragments(found, single, np.zeros(0), cfg)) == []
     # several prompts: the band was applied when propagating; the paper's null ratio: no band
-    assert drop_fragments(found, several, 415.0, cfg) == found
-    assert drop_fragments(found, single, 415.0, load_config(None, {"instances.min_size_ratio": None})) == found
-    assert strong_size(found[:3], cut) is None  # too few to learn from
+    assert drop_fragments(found, several, strong, cfg) == found
+    assert drop_fragments(found, single, strong, load_config(None, {"instances.min_size_ratio": None})) == found
+    assert strong_sizes(found[:3], cut).size == 0  # too few to learn from
 
 
 def test_particles_placed_on_one_blob_peak_are_one():
@@ -80,20 +81,23 @@ def column_scene(tmp_path_factory):
     return root
 
 
-def test_a_leaky_prompt_is_searched_again_at_its_candidates_scale(column_scene):
+def test_an_atypical_prompt_is_searched_again_at_its_candidates_scale(column_scene):
     tomogram = open_tomogram(column_scene / "column.mrc")
     cfg = load_config("demo")
     prompt = _particle(1450, 3.0)
     prompt.instance = Instance(prompt=(24.0, 48.0, 48.0), bbox=(12, 44, 44, 45, 53, 53),
                                mask=np.ones((33, 9, 9), bool))
     query = _query(1450.0, 1)
-    again = rescaled_query(query, 400.0, [prompt], tomogram, cfg)
+    strong = np.array([300.0, 350, 380, 390, 400, 410, 420, 450, 900])  # quartiles 380-420, median 400
+    again = rescaled_query(query, strong, [prompt], tomogram, cfg)
     assert again.median_voxels == 400.0 and again.radius == pytest.approx(equivalent_radius(400.0))
     assert again.shells.shape == query.shells.shape and np.abs(again.shells).max() > 0
     assert (again.cls, again.polarity, again.max_size_factor) == (query.cls, query.polarity, 2.0)
-    assert rescaled_query(query, 800.0, [prompt], tomogram, cfg) is None  # under twice: trusted
-    assert rescaled_query(_query(1450.0, 3), 400.0, [prompt], tomogram, cfg) is None
-    assert rescaled_query(query, 400.0, [], tomogram, cfg) is None  # no prompt here to measure
+    assert rescaled_query(_query(300.0, 1), strong, [prompt], tomogram, cfg).median_voxels == 400.0  # too small
+    assert rescaled_query(_query(410.0, 1), strong, [prompt], tomogram, cfg) is None  # a typical size: kept
+    assert rescaled_query(query, strong[:7], [prompt], tomogram, cfg) is None  # too few to trust quartiles
+    assert rescaled_query(_query(1450.0, 3), strong, [prompt], tomogram, cfg) is None  # several prompts
+    assert rescaled_query(query, strong, [], tomogram, cfg) is None  # no prompt here to measure
 
 
 def test_a_prompt_joined_with_its_neighbours_still_finds_the_single_particles(column_scene):

@@ -22,7 +22,7 @@ from cryosam_ray.particle import ClassQuery, Particle
 from cryosam_ray.propagation import propagate
 from cryosam_ray.stages.classes import resolve_classes
 from cryosam_ray.stages.prompts import uses_density
-from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_size
+from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_sizes
 from cryosam_ray.tomo_io import Tomogram
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,9 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
                           proposals: dict[str, Proposals], prompts: list[Particle], segmenter,
                           cfg: CryoSamConfig) -> list[Particle]:
     """Every particle of one tomogram: its prompt particles (scored) and each class's matches
-    above the run's cut, one class per physical particle. Both executors call this."""
+    above the run's cut, one class per physical particle. A class with a single prompt whose
+    size is atypical of its strong candidates is searched again at their scale
+    (:mod:`cryosam_ray.stages.sizes`). Both executors call this."""
     prompts = [p for p in prompts if p.cls in queries]
     score_particles(volume, prompts, queries, cfg.matching.similarity)
     scorers, features = {}, proposals
@@ -41,19 +43,20 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
     particles = list(prompts)
     for cls in sorted(queries):
         known = [p for p in prompts if p.cls == cls]
-        query, found = queries[cls], _found(tomogram, volume, queries[cls], proposals[cls], scorers.get(cls),
-                                            segmenter, cfg, known)
-        strong = strong_size(found, _auto_cut(found, known, cfg))
+        query = queries[cls]
+        found = _found(tomogram, volume, query, proposals[cls], scorers.get(cls), segmenter, cfg, known)
+        strong = strong_sizes(found, _auto_cut(found, known, cfg))
         again = rescaled_query(query, strong, known, tomogram, cfg) if cls in scorers else None
         if again is not None:
             ranked, rescorers = density_proposals(tomogram, {cls: again}, {cls: features[cls]}, known, cfg)
-            query, found = again, _found(tomogram, volume, again, ranked[cls], rescorers[cls], segmenter, cfg, known)
-            strong = strong_size(found, _auto_cut(found, known, cfg))
+            found = _found(tomogram, volume, again, ranked[cls], rescorers[cls], segmenter, cfg, known)
+            strong = strong_sizes(found, _auto_cut(found, known, cfg))
         particles += drop_fragments(found, query, strong, cfg)
     return resolve_classes(keep_scored(particles, cfg), tomogram.shape, overlap=cfg.instances.overlap)
 
 
 def _found(tomogram, volume, query, proposals, scorer, segmenter, cfg, known) -> list[Particle]:
+    """One class's candidates, placed and merged by their blob peaks with the density score."""
     found = find_particles(tomogram, volume, query, proposals, segmenter, cfg, known)
     if scorer is None:
         return found

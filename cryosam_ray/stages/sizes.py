@@ -4,14 +4,14 @@ One prompt's mask is one noisy sample of its class's size: in a crowded cytoplas
 neighbour stacked along z (the missing wedge blurs them into one column) and come out twice the
 particle or more; it may also miss part of it. So with a single prompt the size band is first
 as wide on the small side as on the large (a quarter to four times the prompt, see
-:func:`size_band`), and then narrowed by the data: the median size of the candidates that score
-above the class's cut (:func:`strong_size`, the particles that look like the prompt) is the
-class's size on this tomogram. Candidates smaller than ``instances.min_size_ratio`` of the
-smaller of the two sizes are fragments (:func:`drop_fragments`). Where the prompt is more than
-twice the strong candidates' size, its mask surely joined something: the class is searched
-again at the candidates' scale (:func:`rescaled_query`), with the prompt's density profile
-measured at that scale. With several prompts their median size is already robust and neither
-step changes anything.
+:func:`size_band`), and then narrowed by the data: the sizes of the candidates that score
+above the class's cut (:func:`strong_sizes`, the particles that look like the prompt) are
+samples of the class's size on this tomogram. Candidates smaller than
+``instances.min_size_ratio`` of the smaller of the prompt's size and their median are
+fragments (:func:`drop_fragments`). Where the prompt's size lies outside their middle half,
+the prompt is atypical of what it finds: the class is searched again at their median size's
+scale (:func:`rescaled_query`), with the prompt's density profile measured at that scale.
+With several prompts their median size is already robust and neither step changes anything.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from cryosam_ray.particle import ClassQuery, Particle, equivalent_radius
 
 log = logging.getLogger(__name__)
 
-# A single prompt's size is trusted to this factor either way (ClassQuery.max_size_factor).
-_LEAK_FACTOR = 2.0
+_MIN_STRONG = 8  # strong candidates needed to set a class's scale by their quartiles
 
 
 def size_band(query: ClassQuery, cfg: CryoSamConfig) -> tuple[float, float]:
@@ -42,23 +41,22 @@ def size_band(query: ClassQuery, cfg: CryoSamConfig) -> tuple[float, float]:
     return lo, hi
 
 
-def strong_size(found: list[Particle], cut: float) -> float | None:
-    """Median voxel count of the candidates scoring at least ``cut`` (the class's automatic cut;
-    None with fewer than 4 candidates: too few to learn from)."""
+def strong_sizes(found: list[Particle], cut: float) -> np.ndarray:
+    """(K,) voxel counts of the candidates scoring at least ``cut`` (the class's automatic cut);
+    empty with fewer than 4 candidates: too few to learn from."""
     if len(found) < 4:
-        return None
-    sizes = [p.instance.voxel_count for p in found if p.score >= cut]
-    return float(np.median(sizes)) if sizes else None
+        return np.zeros(0)
+    return np.array([p.instance.voxel_count for p in found if p.score >= cut], np.float64)
 
 
-def drop_fragments(found: list[Particle], query: ClassQuery, strong: float | None,
+def drop_fragments(found: list[Particle], query: ClassQuery, strong: np.ndarray,
                    cfg: CryoSamConfig) -> list[Particle]:
     """``found`` without candidates under ``min_size_ratio`` of the smaller of the prompts'
     median size and ``strong`` (a single prompt's class only; see the module docstring)."""
     ratio = cfg.instances.min_size_ratio
     if not ratio or query.max_size_factor <= 1.0:
         return found  # several prompts: the band was applied when propagating
-    reference = query.median_voxels if strong is None else min(query.median_voxels, strong)
+    reference = min(query.median_voxels, float(np.median(strong))) if len(strong) else query.median_voxels
     kept = [p for p in found if p.instance.voxel_count >= ratio * reference]
     if len(kept) < len(found):
         log.info("%s: %d candidates under %.0f voxels dropped (fragments)", query.cls, len(found) - len(kept),
@@ -66,22 +64,24 @@ def drop_fragments(found: list[Particle], query: ClassQuery, strong: float | Non
     return kept
 
 
-def rescaled_query(query: ClassQuery, strong: float | None, known: list[Particle], tomogram,
+def rescaled_query(query: ClassQuery, strong: np.ndarray, known: list[Particle], tomogram,
                    cfg: CryoSamConfig) -> ClassQuery | None:
-    """``query`` at the scale of its strong candidates when a single prompt's mask is more than
-    twice their size and the prompt lies on this tomogram (its profile is measured again at the
-    new radius); None when nothing needs to change."""
-    if strong is None or query.max_size_factor <= 1.0 or not known or query.shells is None:
+    """``query`` at the scale of its strong candidates when a single prompt's size lies outside
+    the middle half (interquartile range) of their (K,) voxel counts ``strong`` (8 or more) and
+    the prompt lies on this tomogram (its profile is measured again at their median size's
+    radius); None when nothing needs to change."""
+    if len(strong) < _MIN_STRONG or query.max_size_factor <= 1.0 or not known or query.shells is None:
         return None
-    if query.median_voxels <= _LEAK_FACTOR * strong:
+    low, size, high = np.percentile(strong, [25, 50, 75])
+    if low <= query.median_voxels <= high:
         return None
-    radius = equivalent_radius(strong)
+    radius = equivalent_radius(size)
     maps: dict[int, DensityMap] = {}
     dmap = density_map(maps, tomogram, radius)
     d = cfg.density
     profiles = [dmap.profile(np.asarray(p.instance.prompt), p.voxels(), radius, count=d.shells, reach=d.reach)
                 for p in known]
-    log.info("%s: the prompt (%.0f voxels) is over twice its strong candidates' size (%.0f): searched again at "
-             "radius %.1f", query.cls, query.median_voxels, strong, radius)
-    return replace(query, median_voxels=strong, radius=radius,
+    log.info("%s: the prompt (%.0f voxels) lies outside its strong candidates' middle half (%.0f-%.0f): searched "
+             "again at their median size's radius %.1f", query.cls, query.median_voxels, low, high, radius)
+    return replace(query, median_voxels=float(size), radius=radius,
                    shells=np.mean([p.shells for p in profiles], axis=0))
