@@ -311,7 +311,7 @@ def density_map(maps: dict[int, DensityMap], tomogram, radius: float) -> Density
 
 
 def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[str, Proposals],
-                      prompts: list[Particle], cfg: CryoSamConfig):
+                      prompts: list[Particle], cfg: CryoSamConfig, maps: dict[int, DensityMap] | None = None):
     """Each class's proposals with blobs at its scale added (``density.blobs``) and, with
     ``density.score: density``, ranked by density score.
 
@@ -322,12 +322,15 @@ def density_proposals(tomogram, queries: dict[str, ClassQuery], proposals: dict[
     get their score (at the click) as ``score``. With the features score, blob and feature
     proposals alternate, each best first.
 
+    ``maps``: the tomogram's density maps by binning, shared with the caller's later uses (one
+    copy of the density per binning); a new dict when None.
+
     Returns:
         (class -> :class:`Proposals`, class -> its fitted :class:`DensityScorer`; empty with the
         features score).
     """
     d = cfg.density
-    maps: dict[int, DensityMap] = {}
+    maps = {} if maps is None else maps
     out, scorers = {}, {}
     for cls in sorted(queries):
         query, found = queries[cls], proposals[cls]

@@ -37,18 +37,18 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
     (:mod:`cryosam_ray.stages.sizes`). Both executors call this."""
     prompts = [p for p in prompts if p.cls in queries]
     score_particles(volume, prompts, queries, cfg.matching.similarity)
-    scorers, features = {}, proposals
+    scorers, features, maps = {}, proposals, {}
     if uses_density(cfg):
-        proposals, scorers = density_proposals(tomogram, queries, proposals, prompts, cfg)
+        proposals, scorers = density_proposals(tomogram, queries, proposals, prompts, cfg, maps)
     particles = list(prompts)
     for cls in sorted(queries):
         known = [p for p in prompts if p.cls == cls]
         query = queries[cls]
         found = _found(tomogram, volume, query, proposals[cls], scorers.get(cls), segmenter, cfg, known)
         strong = strong_sizes(found, _auto_cut(found, known, cfg))
-        again = rescaled_query(query, strong, known, tomogram, cfg) if cls in scorers else None
+        again = rescaled_query(query, strong, known, tomogram, cfg, maps) if cls in scorers else None
         if again is not None:
-            ranked, rescorers = density_proposals(tomogram, {cls: again}, {cls: features[cls]}, known, cfg)
+            ranked, rescorers = density_proposals(tomogram, {cls: again}, {cls: features[cls]}, known, cfg, maps)
             found = _found(tomogram, volume, again, ranked[cls], rescorers[cls], segmenter, cfg, known)
             strong = strong_sizes(found, _auto_cut(found, known, cfg))
         particles += drop_fragments(found, query, strong, cfg)

@@ -65,19 +65,19 @@ def drop_fragments(found: list[Particle], query: ClassQuery, strong: np.ndarray,
 
 
 def rescaled_query(query: ClassQuery, strong: np.ndarray, known: list[Particle], tomogram,
-                   cfg: CryoSamConfig) -> ClassQuery | None:
+                   cfg: CryoSamConfig, maps: dict[int, DensityMap] | None = None) -> ClassQuery | None:
     """``query`` at the scale of its strong candidates when a single prompt's size lies outside
     the middle half (interquartile range) of their (K,) voxel counts ``strong`` (8 or more) and
     the prompt lies on this tomogram (its profile is measured again at their median size's
-    radius); None when nothing needs to change."""
+    radius; ``maps``: the tomogram's density maps by binning, see
+    :func:`~cryosam_ray.density.density_proposals`); None when nothing needs to change."""
     if len(strong) < _MIN_STRONG or query.max_size_factor <= 1.0 or not known or query.shells is None:
         return None
     low, size, high = np.percentile(strong, [25, 50, 75])
     if low <= query.median_voxels <= high:
         return None
     radius = equivalent_radius(size)
-    maps: dict[int, DensityMap] = {}
-    dmap = density_map(maps, tomogram, radius)
+    dmap = density_map({} if maps is None else maps, tomogram, radius)
     d = cfg.density
     profiles = [dmap.profile(np.asarray(p.instance.prompt), p.voxels(), radius, count=d.shells, reach=d.reach)
                 for p in known]
