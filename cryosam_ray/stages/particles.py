@@ -78,8 +78,12 @@ def without_duplicates(found: list[Particle], distance: float) -> list[Particle]
 
 def _auto_cut(found: list[Particle], known: list[Particle], cfg: CryoSamConfig) -> float:
     """The automatic score cut of a class's candidates (see :func:`score_cut`)."""
-    kind = "density" if cfg.density.score == "density" else cfg.matching.similarity
-    return score_cut(np.array([p.score for p in found]), "auto", kind, np.array([p.score for p in known]))
+    return score_cut(np.array([p.score for p in found]), "auto", _score_kind(cfg), np.array([p.score for p in known]))
+
+
+def _score_kind(cfg: CryoSamConfig) -> str:
+    """What the particles' ``score`` is, as :func:`score_cut` names it."""
+    return "density" if cfg.density.score == "density" else cfg.matching.similarity
 
 
 def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery, proposals: Proposals,
@@ -189,9 +193,8 @@ def keep_scored(particles: list[Particle], cfg: CryoSamConfig) -> list[Particle]
     kept = [p for p in particles if p.source == "prompt"]
     for cls in sorted({p.cls for p in particles}):
         matches = [p for p in particles if p.cls == cls and p.source != "prompt"]
-        kind = "density" if cfg.density.score == "density" else cfg.matching.similarity
         prompts = np.array([p.score for p in particles if p.cls == cls and p.source == "prompt"])
-        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, kind, prompts)
+        cut = score_cut(np.array([p.score for p in matches]), cfg.instances.min_score, _score_kind(cfg), prompts)
         kept += [p for p in matches if p.score >= cut]
         log.info("%s: %d of %d candidates score >= %.3f", cls, sum(p.score >= cut for p in matches), len(matches), cut)
     return kept

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from cryosam_ray.config import CryoSamConfig
-from cryosam_ray.density import DensityMap, density_map
+from cryosam_ray.density import DensityMap, DensityProfile, density_map
 from cryosam_ray.particle import Particle, equivalent_radius
 from cryosam_ray.propagation import propagate
 from cryosam_ray.tables import Point
@@ -31,10 +31,14 @@ def segment_prompts(tomogram: Tomogram, points: list[Point], segmenter, cfg: Cry
         maps: dict[int, DensityMap] = {}
         for particle in particles:
             radius = equivalent_radius(particle.instance.voxel_count)
-            dmap = density_map(maps, tomogram, radius)
-            particle.density = dmap.profile(np.asarray(particle.instance.prompt), particle.voxels(), radius,
-                                            count=cfg.density.shells, reach=cfg.density.reach)
+            particle.density = prompt_profile(particle, density_map(maps, tomogram, radius), radius, cfg)
     return particles
+
+
+def prompt_profile(particle: Particle, dmap: DensityMap, radius: float, cfg: CryoSamConfig) -> DensityProfile:
+    """The density profile of a prompt particle at ``radius`` voxels, from its click."""
+    return dmap.profile(np.asarray(particle.instance.prompt), particle.voxels(), radius,
+                        count=cfg.density.shells, reach=cfg.density.reach)
 
 
 def uses_density(cfg: CryoSamConfig) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.density import DensityMap, density_map
 from cryosam_ray.particle import ClassQuery, Particle, equivalent_radius
+from cryosam_ray.stages.prompts import prompt_profile
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,7 @@ def rescaled_query(query: ClassQuery, strong: np.ndarray, known: list[Particle],
         return None
     radius = equivalent_radius(size)
     dmap = density_map({} if maps is None else maps, tomogram, radius)
-    d = cfg.density
-    profiles = [dmap.profile(np.asarray(p.instance.prompt), p.voxels(), radius, count=d.shells, reach=d.reach)
-                for p in known]
+    profiles = [prompt_profile(p, dmap, radius, cfg) for p in known]
     log.info("%s: the prompt (%.0f voxels) lies outside its strong candidates' middle half (%.0f-%.0f): searched "
              "again at their median size's radius %.1f", query.cls, query.median_voxels, low, high, radius)
     return replace(query, median_voxels=float(size), radius=radius,
