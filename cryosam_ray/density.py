@@ -57,11 +57,29 @@ class DensityProfile:
             radii, in the particle's polarity (dense is positive).
         contrast: scale-normalised LoG response at the centre (positive: stands out).
         polarity: +1 where dense is bright in the file, -1 where dense is dark.
+        span: the largest distance between the strong blob peaks inside the particle's mask
+            (:func:`strong_peaks`), voxels: 0 for a compact particle, about its length for a
+            filament or a dimer, which hold a blob at each end.
+        stretch: the mask's spread along z over its spread across (standard deviations, at
+            least 1): how far the missing wedge draws the particle out along z.
     """
 
     shells: np.ndarray
     contrast: float
     polarity: float
+    span: float = 0.0
+    stretch: float = 1.0
+
+
+_STRONG = 0.5  # a blob peak inside a mask counts when it reaches this fraction of the mask's strongest
+
+
+def strong_peaks(peaks: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (K, 3) ``peaks`` of one mask (and their (K,) ``response``) that reach half the
+    strongest's response, strongest first: a particle's own blobs, not the noise on its rim."""
+    order = np.argsort(-response, kind="stable")
+    order = order[response[order] >= _STRONG * response.max()] if len(order) else order
+    return peaks[order], response[order]
 
 
 class DensityMap:
@@ -77,6 +95,7 @@ class DensityMap:
         self.bin = int(bin)
         self.data = _standardised(tomogram, self.bin)
         self._blobs: dict[tuple[float, float], SlabFiltered] = {}
+        self._peaks: dict[tuple[float, float, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _to_binned(self, zyx: np.ndarray) -> np.ndarray:
         return (np.asarray(zyx, np.float64).reshape(-1, 3) + 0.5) / self.bin - 0.5
@@ -105,11 +124,34 @@ class DensityMap:
         return self.blob_response(radius, polarity).interpolate(self._to_binned(zyx))
 
     def peaks(self, radius: float, polarity: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``top_k`` strongest blobs at least a radius apart: ((K, 3) ZYX voxels, (K,) response)."""
+        """The ``top_k`` strongest blobs at least a radius apart: ((K, 3) ZYX voxels, (K,) response);
+        found once per scale and kept (the search and the stack splitting both ask)."""
+        key = (round(float(radius), 3), float(polarity), int(top_k))
+        if key not in self._peaks:
+            r = radius / self.bin
+            peaks, values = self.blob_response(radius, polarity).local_maxima(max(3, int(round(r)) | 1))
+            keep = nms(peaks.astype(np.float64), values, radius=r, top_k=top_k)
+            self._peaks[key] = ((peaks[keep] + 0.5) * self.bin - 0.5, values[keep])
+        return self._peaks[key]
+
+    def peaks_in(self, voxels: np.ndarray, radius: float, polarity: float) -> tuple[np.ndarray, np.ndarray]:
+        """The blobs (as :meth:`peaks`, all of them) at the (M, 3) ZYX ``voxels`` of a mask: ((K, 3)
+        ZYX voxels, (K,) response), from the LoG of the region around the mask only."""
         r = radius / self.bin
-        peaks, values = self.blob_response(radius, polarity).local_maxima(max(3, int(round(r)) | 1))
-        keep = nms(peaks.astype(np.float64), values, radius=r, top_k=top_k)
-        return (peaks[keep] + 0.5) * self.bin - 0.5, values[keep]
+        sigma = r / math.sqrt(3)
+        binned = np.rint(self._to_binned(voxels)).astype(np.int64)
+        halo = int(4.0 * sigma + 0.5) + 1
+        lo = np.maximum(binned.min(axis=0) - halo, 0)
+        hi = np.minimum(binned.max(axis=0) + halo + 1, self.data.shape)
+        block = self.data[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        response = -polarity * sigma ** 2 * ndimage.gaussian_laplace(block, sigma)
+        found = (response == ndimage.maximum_filter(response, size=max(3, int(round(r)) | 1))) & (response > 0)
+        inside = np.zeros(block.shape, bool)
+        inside[tuple((binned - lo).T)] = True
+        points = np.argwhere(found & inside)
+        values = response[tuple(points.T)]
+        keep = nms(points.astype(np.float64), values, radius=r, top_k=len(points))
+        return (points[keep] + lo + 0.5) * self.bin - 0.5, values[keep]
 
     def shells(self, zyx: np.ndarray, radius: float, polarity: float, *, count: int = 8,
                reach: float = 2.0) -> np.ndarray:
@@ -186,12 +228,24 @@ class DensityMap:
                 reach: float = 2.0) -> DensityProfile:
         """The :class:`DensityProfile` of a prompted particle from the click (3,) ZYX, its mask's
         (M, 3) voxels and radius: at the strongest blob within half a radius of the click (where
-        a candidate of the same kind would be found)."""
+        a candidate of the same kind would be found), with the ``span`` of its strong blobs
+        and its mask's ``stretch``."""
         click = np.asarray(click, np.float64)
         polarity = self.polarity(voxels)
         centre = self.strongest_near(click, radius, polarity, 0.5 * radius)
+        blobs = strong_peaks(*self.peaks_in(voxels, radius, polarity))[0]
+        span = max((float(np.linalg.norm(a - b)) for a in blobs for b in blobs), default=0.0)
         return DensityProfile(self.shells(centre[None], radius, polarity, count=count, reach=reach)[0],
-                              float(self.contrast(centre[None], radius, polarity)[0]), polarity)
+                              float(self.contrast(centre[None], radius, polarity)[0]), polarity, span,
+                              z_stretch(voxels))
+
+
+def z_stretch(voxels: np.ndarray) -> float:
+    """A mask's spread along z over its spread across, from its (M, 3) ZYX voxels (standard
+    deviations; at least 1)."""
+    spread = np.asarray(voxels, np.float64).std(axis=0)
+    across = math.sqrt(0.5 * (spread[1] ** 2 + spread[2] ** 2))
+    return max(1.0, float(spread[0] / across)) if across > 0 else 1.0
 
 
 def _standardised(tomogram, bin: int) -> np.ndarray:

@@ -76,6 +76,11 @@ class ClassQuery:
             ``radius`` over the voxel spacing); with ``propagation.size_prior`` the segmenter gets it
             instead of ``radius`` (the prompts' masks may be leaky or partial; a curated radius is
             not). Matching and the density stage keep ``radius``, the scale they were tuned at.
+        blob_span: the median ``span`` of the prompts' density profiles, voxels: how far apart
+            blobs of one particle of the class may lie (0 for compact particles; see
+            :mod:`cryosam_ray.stages.stacks`).
+        z_stretch: the smallest ``stretch`` of the prompts' density profiles (1: none measured): a
+            prompt joined with a neighbour stacked along z looks more drawn out than one particle.
     """
 
     cls: str
@@ -87,6 +92,8 @@ class ClassQuery:
     polarity: float = -1.0
     max_size_factor: float = 1.0
     prior_radius: float | None = None
+    blob_span: float = 0.0
+    z_stretch: float = 1.0
 
 
 @dataclass

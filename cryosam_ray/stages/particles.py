@@ -23,6 +23,7 @@ from cryosam_ray.propagation import propagate
 from cryosam_ray.stages.classes import resolve_classes
 from cryosam_ray.stages.prompts import uses_density
 from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_sizes
+from cryosam_ray.stages.stacks import centre_between_blobs, split_stack
 from cryosam_ray.tomo_io import Tomogram
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,17 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
 
 
 def _found(tomogram, volume, query, proposals, scorer, segmenter, cfg, known) -> list[Particle]:
-    """One class's candidates, placed and merged by their blob peaks with the density score."""
-    found = find_particles(tomogram, volume, query, proposals, segmenter, cfg, known)
+    """One class's candidates, placed and merged by their blob peaks with the density score;
+    masks holding a stack of particles are cut (:mod:`cryosam_ray.stages.stacks`)."""
     if scorer is None:
-        return found
+        return find_particles(tomogram, volume, query, proposals, segmenter, cfg, known)
+    blobs = scorer.dmap.peaks(scorer.radius, scorer.polarity, cfg.density.pool)
+    found = find_particles(tomogram, volume, query, proposals, segmenter, cfg, known, blobs)
     place_by_density(found, scorer)
+    if query.blob_span > 0:  # a filament, a dimer: its centre lies between its blobs
+        for particle in found:
+            between = centre_between_blobs(particle.instance, *blobs)
+            particle.centre = particle.centre if between is None else tuple(float(v) for v in between)
     return without_duplicates(found, 0.5 * query.radius)
 
 
@@ -87,10 +94,14 @@ def _score_kind(cfg: CryoSamConfig) -> str:
 
 
 def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery, proposals: Proposals,
-                   segmenter, cfg: CryoSamConfig, known: list[Particle]) -> list[Particle]:
+                   segmenter, cfg: CryoSamConfig, known: list[Particle],
+                   blobs: tuple[np.ndarray, np.ndarray] | None = None) -> list[Particle]:
     """Propagate proposals (best first, in batches) into new particles of ``query.cls``.
 
     ``known`` particles (this class's prompt instances on this tomogram) are never found twice.
+    ``blobs``: the class's blob peaks on the tomogram ((K, 3) ZYX, (K,) response); a mask holding
+    several particles' peaks is cut into one candidate per particle
+    (:func:`~cryosam_ray.stages.stacks.split_stack`), each piece then taken or left alone.
     """
     inst_cfg, prop = cfg.instances, cfg.propagation
     claimed = BlockLabels(tomogram.shape, np.uint8)  # accepted particles' voxels (rejected masks claim none)
@@ -111,10 +122,13 @@ def find_particles(tomogram: Tomogram, volume: FeatureVolume, query: ClassQuery,
         for i, inst in zip(batch, instances):
             if inst.empty or not lo <= inst.voxel_count <= hi:
                 continue  # a leaked or empty mask: it claims nothing, so it hides no true neighbour
-            if claimed.get(inst.bbox)[inst.mask].sum() >= inst_cfg.overlap * inst.voxel_count:
-                continue  # the same particle as one found before
-            claimed.paste(inst.bbox, inst.mask, 1)
-            found.append(Particle(query.cls, inst, "match", similarity=float(proposals.similarity[i])))
+            for piece in split_stack(inst, *blobs, query) if blobs is not None else [inst]:
+                if piece.voxel_count < lo:
+                    continue  # a stack's tail: too little of a particle to place
+                if claimed.get(piece.bbox)[piece.mask].sum() >= inst_cfg.overlap * piece.voxel_count:
+                    continue  # the same particle as one found before
+                claimed.paste(piece.bbox, piece.mask, 1)
+                found.append(Particle(query.cls, piece, "match", similarity=float(proposals.similarity[i])))
     score_particles(volume, found, {query.cls: query}, cfg.matching.similarity)
     log.info("%s: %d %s candidates from %d proposals", tomogram.name, len(found), query.cls, len(proposals))
     return found

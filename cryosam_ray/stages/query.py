@@ -51,7 +51,9 @@ def combine_queries(parts: list[QueryPart], *, radii: dict[str, float] | None = 
             cls, (part.feature_sum / part.voxels).astype(np.float32), part.background_sum / part.voxels, median,
             equivalent_radius(median), shells=np.mean([p.shells for p in profiles], axis=0) if profiles else None,
             polarity=1.0 if sum(p.polarity for p in profiles) > 0 else -1.0,
-            max_size_factor=max_size_factor(len(part.sizes)), prior_radius=(radii or {}).get(cls))
+            max_size_factor=max_size_factor(len(part.sizes)), prior_radius=(radii or {}).get(cls),
+            blob_span=float(np.median([p.span for p in profiles])) if profiles else 0.0,
+            z_stretch=min((p.stretch for p in profiles), default=1.0))
     return queries
 
 

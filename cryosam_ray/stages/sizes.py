@@ -70,7 +70,8 @@ def rescaled_query(query: ClassQuery, strong: np.ndarray, known: list[Particle],
     """``query`` at the scale of its strong candidates when a single prompt's size lies outside
     the middle half (interquartile range) of their (K,) voxel counts ``strong`` (8 or more) and
     the prompt lies on this tomogram (its profile is measured again at their median size's
-    radius; ``maps``: the tomogram's density maps by binning, see
+    radius; its mask, atypical of the class, is no measure of how far apart one particle's
+    blobs lie: ``blob_span`` 0; ``maps``: the tomogram's density maps by binning, see
     :func:`~cryosam_ray.density.density_proposals`); None when nothing needs to change."""
     if len(strong) < _MIN_STRONG or query.max_size_factor <= 1.0 or not known or query.shells is None:
         return None
@@ -83,4 +84,4 @@ def rescaled_query(query: ClassQuery, strong: np.ndarray, known: list[Particle],
     log.info("%s: the prompt (%.0f voxels) lies outside its strong candidates' middle half (%.0f-%.0f): searched "
              "again at their median size's radius %.1f", query.cls, query.median_voxels, low, high, radius)
     return replace(query, median_voxels=float(size), radius=radius,
-                   shells=np.mean([p.shells for p in profiles], axis=0))
+                   shells=np.mean([p.shells for p in profiles], axis=0), blob_span=0.0)
