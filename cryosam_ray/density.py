@@ -10,6 +10,10 @@ Weight-free and encoder-independent, so the decisions built on it hold for any e
   concentric shells out to ``reach`` radii around a point. Invariant to any 3D rotation of the
   particle, and shell radii are fractions of r, so the profile of a prompt describes its kind
   (a solid ball, a hollow barrel, an elongated dimer) at any voxel size.
+- **Span and stretch** of a prompt (:class:`DensityProfile`): how far apart the strong blobs
+  inside its mask lie (a filament's ends, a dimer's halves; 0 for a compact particle), and how
+  far its mask is drawn out along z (the missing wedge): what one particle of the class can
+  hold, so that a mask holding more is cut (:mod:`cryosam_ray.stages.stacks`).
 
 A candidate's **density score** (:func:`density_scores`, :class:`DensityScorer`) adds two robust
 z-scores over the candidate pool of its class and tomogram: how strongly it stands out at the
