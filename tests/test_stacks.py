@@ -29,8 +29,9 @@ def _column(offset: tuple[int, int, int]) -> tuple[Instance, np.ndarray]:
     (their hull, as a threshold joins them), in a (40, 40, 40) box; and their centres."""
     centres = np.array([(10, 20, 20), np.add((10, 20, 20), offset)], np.float64)
     grid = np.indices((40, 40, 40)).reshape(3, -1).T
-    t = np.clip(((grid - centres[0]) @ (centres[1] - centres[0])) / max(np.sum((centres[1] - centres[0]) ** 2), 1), 0, 1)
-    nearest = centres[0] + t[:, None] * (centres[1] - centres[0])
+    axis = centres[1] - centres[0]
+    t = np.clip(((grid - centres[0]) @ axis) / max(float(axis @ axis), 1.0), 0, 1)
+    nearest = centres[0] + t[:, None] * axis
     mask = (np.linalg.norm(grid - nearest, axis=1) <= RADIUS).reshape(40, 40, 40)
     return Instance(prompt=tuple(centres[0]), bbox=(0, 0, 0, 40, 40, 40), mask=mask), centres
 
@@ -142,8 +143,10 @@ def test_a_class_takes_its_prompts_median_span_and_least_stretch():
     from cryosam_ray.particle import QueryPart
     from cryosam_ray.stages.query import combine_queries
 
-    profiles = [DensityProfile(np.zeros(4), 1.0, -1.0, span, stretch) for span, stretch in [(0, 1.1), (0, 1.4), (14, 2.6)]]
+    profiles = [DensityProfile(np.zeros(4), 1.0, -1.0, span, stretch)
+                for span, stretch in [(0, 1.1), (0, 1.4), (14, 2.6)]]
     part = QueryPart("ball", np.ones(4), np.zeros(4), 1500, [500, 500, 500], profiles)
     query = combine_queries([part])["ball"]
     assert (query.blob_span, query.z_stretch) == (0.0, 1.1)
-    assert combine_queries([QueryPart("ball", np.ones(4), np.zeros(4), 500, [500], profiles[2:])])["ball"].blob_span == 14
+    alone = QueryPart("ball", np.ones(4), np.zeros(4), 500, [500], profiles[2:])
+    assert combine_queries([alone])["ball"].blob_span == 14

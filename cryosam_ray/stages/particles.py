@@ -23,7 +23,7 @@ from cryosam_ray.propagation import propagate
 from cryosam_ray.stages.classes import resolve_classes
 from cryosam_ray.stages.prompts import uses_density
 from cryosam_ray.stages.sizes import drop_fragments, rescaled_query, size_band, strong_sizes
-from cryosam_ray.stages.stacks import centre_between_blobs, split_stack
+from cryosam_ray.stages.stacks import place_between_blobs, split_stack
 from cryosam_ray.tomo_io import Tomogram
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,15 @@ def particles_of_tomogram(tomogram: Tomogram, volume: FeatureVolume, queries: di
 
 def _found(tomogram, volume, query, proposals, scorer, segmenter, cfg, known) -> list[Particle]:
     """One class's candidates, placed and merged by their blob peaks with the density score;
-    masks holding a stack of particles are cut (:mod:`cryosam_ray.stages.stacks`)."""
+    masks holding a stack of particles are cut, and a class whose prompts hold several blobs is
+    centred between them (:mod:`cryosam_ray.stages.stacks`)."""
     if scorer is None:
         return find_particles(tomogram, volume, query, proposals, segmenter, cfg, known)
     blobs = scorer.dmap.peaks(scorer.radius, scorer.polarity, cfg.density.pool)
     found = find_particles(tomogram, volume, query, proposals, segmenter, cfg, known, blobs)
     place_by_density(found, scorer)
     if query.blob_span > 0:  # a filament, a dimer: its centre lies between its blobs
-        for particle in found:
-            between = centre_between_blobs(particle.instance, *blobs)
-            particle.centre = particle.centre if between is None else tuple(float(v) for v in between)
+        place_between_blobs(found, *blobs)
     return without_duplicates(found, 0.5 * query.radius)
 
 

@@ -5,14 +5,16 @@ A threshold-and-connect mask (and SAM's, slice by slice) follows density from on
 the next; particles stacked along the beam are blurred into one column by the missing wedge,
 and the column comes out as one mask, two or three particles tall. The class's blobs (the
 scale-normalised LoG at the prompts' radius, :meth:`~cryosam_ray.density.DensityMap.peaks`)
-still peak once per particle inside it. A mask whose strong blob peaks lie further apart than
-one particle can hold (a diameter, plus the span of the blobs inside the prompts' own masks:
-0 for a compact particle, about the length of a filament or a dimer, which hold a blob at
-each end) is cut between them, each voxel to its nearest peak; each piece is a candidate of
-its own, prompted at its peak.
+still peak once per particle inside it. A mask whose strong blob peaks lie further apart along
+z than one particle reaches is cut between them, each voxel to its nearest peak; each piece is
+a candidate of its own, prompted at its peak. One particle reaches a diameter plus the span of
+the blobs inside the prompts' own masks (0 for a compact particle, about the length of a
+filament or a dimer, which hold a blob at each end), with z shrunk by the prompts' stretch
+along z (one particle drawn out by the missing wedge may peak twice along z). Peaks side by
+side within a slice are left alone: touching neighbours there are the 2D segmenter's to cut.
 
 Where the class's prompts hold several blobs, its particles' centres lie between their blobs,
-not on one of them (:func:`centre_between_blobs`).
+not on one of them (:func:`place_between_blobs`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 
 from cryosam_ray.density import strong_peaks
-from cryosam_ray.particle import ClassQuery
+from cryosam_ray.particle import ClassQuery, Particle
 from cryosam_ray.propagation import Instance
 
 
@@ -69,12 +71,14 @@ def split_stack(inst: Instance, peaks: np.ndarray, response: np.ndarray, query: 
     return pieces
 
 
-def centre_between_blobs(inst: Instance, peaks: np.ndarray, response: np.ndarray) -> np.ndarray | None:
-    """(3,) ZYX: the mean of the strong blob peaks inside ``inst``'s mask (a filament's ends, a
-    dimer's halves), or None where it holds fewer than two. ``peaks``, ``response``: the
-    class's blob peaks on the tomogram, (K, 3) ZYX and (K,)."""
-    strong = strong_peaks(*blob_peaks_in(inst, peaks, response))[0]
-    return strong.mean(axis=0) if len(strong) >= 2 else None
+def place_between_blobs(found: list[Particle], peaks: np.ndarray, response: np.ndarray) -> None:
+    """Each particle's ``centre``: the mean of the strong blob peaks inside its mask (a
+    filament's ends, a dimer's halves); left as it is where its mask holds fewer than two.
+    ``peaks``, ``response``: the class's blob peaks on the tomogram, (K, 3) ZYX and (K,)."""
+    for particle in found:
+        strong = strong_peaks(*blob_peaks_in(particle.instance, peaks, response))[0]
+        if len(strong) >= 2:
+            particle.centre = tuple(float(v) for v in strong.mean(axis=0))
 
 
 def _stacked(offset: np.ndarray, reach: float, stretch: float) -> bool:
