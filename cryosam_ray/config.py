@@ -323,6 +323,9 @@ class DensityConfig(_Section):
     reach: float = Field(2.0, gt=0.5, description="Outer shell radius, in particle radii.")
     pool: int = Field(2048, ge=16, description="Blob candidates per class and tomogram the score statistics and "
                       "the best proposals are drawn from (the best matching.top_k are propagated).")
+    stacks: bool = Field(True, description="With the density score: cut a mask holding particles stacked along z "
+                         "between their blobs, and centre a particle of a class whose prompts hold several blobs "
+                         "(a filament, a dimer) between them (cryosam_ray/stages/stacks.py).")
 
 
 class PoolConfig(_Section):

@@ -103,11 +103,13 @@ def _scene(root, name: str, balls: list, necks: list) -> None:
     write_mrc(root / f"{name}.mrc", volume, 10.0)
 
 
-def _picks(root, name: str, prompt) -> np.ndarray:
+def _picks(root, name: str, prompt, stacks: bool = True) -> np.ndarray:
     (root / f"{name}.csv").write_text(f"tomogram,z,y,x,class\n{name},{prompt[0]},{prompt[1]},{prompt[2]},ball\n")
-    cfg = load_config("demo", {"instances.min_score": None})  # every candidate: what is found, not the cut
-    run_in_process([str(root / f"{name}.mrc")], str(root / f"{name}.csv"), str(root / name), cfg)
-    return read_picks(str(root / name / "picks.parquet")).to_pandas()[["z", "y", "x"]].to_numpy()
+    # every candidate (no score cut): what is found, not where the cut falls
+    cfg = load_config("demo", {"instances.min_score": None, "density.stacks": stacks})
+    out = root / f"{name}_{stacks}"
+    run_in_process([str(root / f"{name}.mrc")], str(root / f"{name}.csv"), str(out), cfg)
+    return read_picks(str(out / "picks.parquet")).to_pandas()[["z", "y", "x"]].to_numpy()
 
 
 SINGLES = [(20, y, x) for y in (16, 48, 80) for x in (16, 80)]
@@ -116,13 +118,15 @@ STACKS = [((14, y, 48), (26, y, 48)) for y in (16, 48, 80)]  # two balls 12 apar
 
 def test_particles_stacked_along_z_are_each_picked(tmp_path):
     """One mask holds both balls of a stack (the neck joins them, as the missing wedge joins
-    stacked ribosomes); cut between their blobs, each ball is picked once. Uncut, each stack
-    gave one pick: 9 of the 12 balls."""
+    stacked ribosomes); cut between their blobs, each ball is picked once. Uncut
+    (``density.stacks: false``), each stack gives one pick: 9 of the 12 balls."""
     balls = SINGLES + [ball for stack in STACKS for ball in stack]
     _scene(tmp_path, "stacks", balls, STACKS)
     picks = _picks(tmp_path, "stacks", SINGLES[0])
     assert len(match_points(picks, np.array(balls, float), 2.0)) == len(balls)
     assert len(picks) <= len(balls) + 1
+    uncut = _picks(tmp_path, "stacks", SINGLES[0], stacks=False)
+    assert len(match_points(uncut, np.array(balls, float), 2.0)) == len(SINGLES) + len(STACKS)
 
 
 def test_a_dimer_is_picked_whole_at_its_centre(tmp_path):

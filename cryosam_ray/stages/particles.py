@@ -62,10 +62,10 @@ def _found(tomogram, volume, query, proposals, scorer, segmenter, cfg, known) ->
     centred between them (:mod:`cryosam_ray.stages.stacks`)."""
     if scorer is None:
         return find_particles(tomogram, volume, query, proposals, segmenter, cfg, known)
-    blobs = scorer.dmap.peaks(scorer.radius, scorer.polarity, cfg.density.pool)
+    blobs = scorer.dmap.peaks(scorer.radius, scorer.polarity, cfg.density.pool) if cfg.density.stacks else None
     found = find_particles(tomogram, volume, query, proposals, segmenter, cfg, known, blobs)
     place_by_density(found, scorer)
-    if query.blob_span > 0:  # a filament, a dimer: its centre lies between its blobs
+    if blobs is not None and query.blob_span > 0:  # a filament, a dimer: its centre lies between its blobs
         place_between_blobs(found, *blobs)
     return without_duplicates(found, 0.5 * query.radius)
 
