@@ -1,5 +1,6 @@
 """Masks holding particles stacked along z are cut into one candidate per particle; a dimer,
-a filament or a particle drawn out by the missing wedge stays whole."""
+a filament or a particle drawn out by the missing wedge stays whole, and a class whose prompts
+hold several blobs is picked between them."""
 
 from __future__ import annotations
 
