@@ -17,7 +17,7 @@ from cryosam_ray.blocks import BlockLabels
 from cryosam_ray.config import CryoSamConfig
 from cryosam_ray.density import density_proposals
 from cryosam_ray.features import FeatureVolume
-from cryosam_ray.matching import Proposals, query_feature
+from cryosam_ray.matching import Proposals, nms, query_feature
 from cryosam_ray.particle import ClassQuery, Particle
 from cryosam_ray.propagation import propagate
 from cryosam_ray.stages.classes import resolve_classes
@@ -75,10 +75,9 @@ def without_duplicates(found: list[Particle], distance: float) -> list[Particle]
     voxels of a better-scoring one's: two masks placed on one blob peak (a fragment beside a
     particle climbs to its centre, :func:`place_by_density`) are one particle. Order is kept."""
     centres = np.array([p.centre or p.instance.centroid for p in found], np.float64).reshape(-1, 3)
-    kept: list[int] = []
-    for i in sorted(range(len(found)), key=lambda i: -np.nan_to_num(found[i].score, nan=-np.inf)):
-        if not kept or np.linalg.norm(centres[kept] - centres[i], axis=1).min() >= distance:
-            kept.append(i)
+    scores = np.nan_to_num(np.array([p.score for p in found], np.float64), nan=-np.inf)
+    # nms suppresses within its radius inclusive; a centre exactly ``distance`` away is kept
+    kept = nms(centres, scores, radius=float(np.nextafter(distance, 0)), top_k=len(found))
     return [found[i] for i in sorted(kept)]
 
 
